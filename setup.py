@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="fastmath",
+    version="0.1.0",
+    description="Custom-kernel LLaMA-2 trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
+    python_requires=">=3.10",
+    packages=["fastmath", "fastmath.commands", "fastmath.synth", "fastmath.kernels"],
+    package_dir={"fastmath.kernels": "kernels"},  # kernels/ is fastmath.kernels; never a top-level `kernels`
+    package_data={"fastmath": ["schemas/*.json"]},
+    install_requires=[
+        "torch>=2.4",  # never pinned: GPU users bring their own CUDA build
+        "triton>=3.0; platform_system == 'Linux'",
+        "sentencepiece>=0.1.99",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "sympy>=1.12",
+        "click>=8.1",
+        "tqdm>=4.64",
+        "pyyaml>=6.0",
+        "jsonschema>=4.0",
+        "matplotlib>=3.6",
+        "openai>=1.0",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
+        "test": ["pytest>=7.0", "transformers>=4.40", "math-verify>=0.5"],
+    },
+    entry_points={"console_scripts": ["fastmath=fastmath.cli:main"]},
+)
