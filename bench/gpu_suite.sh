@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine with no network: install the checkout (never `make`, never a torch
+# install), run the GPU tests, then every benchmark part in bench/suite.d/ (each within its own time
+# slice), writing result files under bench/results/. The whole suite stays under ten minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=bench/results
+mkdir -p "$OUT"
+export FASTMATH_BENCH_OUT="$OUT"
+
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+$PY -m fastmath.cli info | tee "$OUT/gpu_info.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/gpu_info.txt" || true
+
+status=0
+# GPU tests: the kernel tests on CUDA tensors (no interpreter) and every test marked for the GPU.
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/kernels tests -k "gpu or cuda or kernels" \
+  2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+
+# Benchmark parts: bench/suite.d/NN-name.sh, run in order; each part states its own time slice.
+for part in bench/suite.d/*.sh; do
+  [ -e "$part" ] || continue
+  echo "== $part"
+  bash "$part" || { echo "part failed: $part"; status=1; }
+done
+exit $status

@@ -1,0 +1,300 @@
+"""Read and write Hugging Face LLaMA checkpoint directories.
+
+A directory holds `config.json`, `generation_config.json`, `model.safetensors` (or shards
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`), and, when known,
+`tokenizer.model` and `tokenizer_config.json`. LLaMA-2 weights from the hub open as they are, and
+what fastmath writes opens in `transformers.LlamaForCausalLM.from_pretrained` unchanged.
+
+Loading builds the model on the meta device and streams tensors shard by shard with plain reads (no
+mmap, so page cache is not counted as resident memory) straight into the target dtype and device:
+peak memory is the model plus one tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ModelArgs, get_preset
+from .model import Transformer
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json <-> ModelArgs
+
+
+def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """config.json for LlamaForCausalLM; writes both the old and the new spellings of rope and dtype."""
+    name = DTYPE_NAMES.get(dtype, "float32")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "max_position_embeddings": args.max_seq_len,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": name,
+        "dtype": name,
+    }
+
+
+def hf_config_to_args(cfg: dict, path: Path) -> ModelArgs:
+    """ModelArgs from a config.json dict (old `rope_theta`/`torch_dtype` or new `rope_parameters`/`dtype`)."""
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type is {cfg.get('model_type')!r}; fastmath reads LLaMA checkpoints")
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path}: not a LLaMA-2 layout (needs silu and no attention/MLP biases)")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    if (rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default") != "default":
+        raise CheckpointError(f"{path}: rope scaling is not supported")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    args = ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
+        intermediate_size=cfg.get("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(theta), max_seq_len=cfg.get("max_position_embeddings", 4096),
+    )
+    if cfg.get("head_dim") not in (None, args.head_dim):
+        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    return args
+
+
+def _config_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return {v: k for k, v in DTYPE_NAMES.items()}.get(name, torch.float32)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+
+
+def read_model_args(directory: str | os.PathLike) -> ModelArgs:
+    path = Path(directory) / "config.json"
+    return hf_config_to_args(read_json(path), path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors streaming
+
+
+def _read_header(f, path: Path) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise CheckpointError(f"{path}: truncated safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > 100 * 2**20:
+        raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def iter_safetensors(path: Path, names=None):
+    """Yield (name, cpu tensor) for each tensor of a .safetensors file, read without mmap."""
+    with open(path, "rb") as f:
+        header, base = _read_header(f, path)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if names is not None and name not in names:
+                continue
+            if info["dtype"] not in SAFE_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=SAFE_DTYPES[info["dtype"]])
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+            if len(buf) != end - start:
+                raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
+            f.seek(base + start)
+            if f.readinto(buf) != end - start:
+                raise CheckpointError(f"{path}: truncated at tensor {name}")
+            yield name, t
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(directory.glob("*.bin")):
+        raise CheckpointError(f"{directory}: only PyTorch .bin weights found; fastmath reads safetensors")
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _hf_to_local(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def load_hf_directory(directory: str | os.PathLike, device=None, dtype=None) -> Transformer:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    cfg_path = directory / "config.json"
+    cfg = read_json(cfg_path)
+    args = hf_config_to_args(cfg, cfg_path)
+    dtype = dtype or _config_dtype(cfg)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(args)
+    params = dict(model.named_parameters())
+    for file in weight_files(directory):
+        for name, tensor in iter_safetensors(file):
+            local = _hf_to_local(name)
+            if local.endswith(IGNORED_KEYS):
+                continue
+            if local not in params:
+                raise CheckpointError(f"{file}: unexpected tensor {name}")
+            if tuple(tensor.shape) != tuple(params[local].shape):
+                raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the config implies "
+                                      f"{tuple(params[local].shape)}")
+            module_name, _, attr = local.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True)
+            params[local] = module._parameters[attr]
+    if model.lm_head.weight.is_meta and cfg.get("tie_word_embeddings") and not model.embed_tokens.weight.is_meta:
+        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())  # fastmath keeps them untied
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def load_model(path_or_preset, device=None, dtype=None) -> Transformer:
+    """A model from a Hugging Face LLaMA directory, or a named preset with random weights.
+
+    Args:
+        path_or_preset: a checkpoint directory, or one of fastmath.config.PRESETS.
+        device: where the weights go (default cpu). dtype: default the checkpoint's (fp32 for presets).
+    """
+    path = Path(path_or_preset)
+    if path.is_dir():
+        return load_hf_directory(path, device=device, dtype=dtype)
+    from .config import PRESETS
+
+    if str(path_or_preset) in PRESETS:
+        with torch.device(device or "cpu"):
+            model = Transformer(get_preset(str(path_or_preset)))
+        return model.to(dtype) if dtype is not None else model
+    raise CheckpointError(f"{path_or_preset}: neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _shard(state: dict, max_shard_bytes: int) -> list[dict]:
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += n
+    shards.append(current)
+    return shards
+
+
+def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_path=None, dtype=None,
+                    max_shard_size: int = 5 * 2**30, state_dict: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face LLaMA directory.
+
+    Args:
+        tokenizer_path: a SentencePiece model copied in as tokenizer.model (and its tokenizer_config.json).
+        dtype: dtype of the stored weights (default: the model's).
+        max_shard_size: bytes per safetensors shard; larger models are sharded with an index file.
+        state_dict: the full (unsharded) state dict, when `model` itself is sharded (FSDP).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    dtype = dtype or next(iter(state.values())).dtype
+    hf_state = {}
+    for name, t in state.items():
+        hf_name = name if name.startswith("lm_head.") else "model." + name
+        hf_state[hf_name] = t.detach().to("cpu", dtype).contiguous()
+    bos, eos = 1, 2
+    if tokenizer_path is not None:
+        from .tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer_path)
+        tok.check_model_vocab(model.args.vocab_size)
+        bos, eos = tok.bos_id, tok.eos_id
+        shutil.copyfile(tok.path, directory / "tokenizer.model")
+        with open(directory / "tokenizer_config.json", "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+                       "clean_up_tokenization_spaces": False, "legacy": False,
+                       "model_max_length": model.args.max_seq_len}, f, indent=2)
+    with open(directory / "config.json", "w") as f:
+        json.dump(args_to_hf_config(model.args, dtype, bos, eos), f, indent=2)
+    with open(directory / "generation_config.json", "w") as f:
+        json.dump({"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len}, f, indent=2)
+    shards = _shard(hf_state, max_shard_size)
+    for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+        with open(directory / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return directory

@@ -1,0 +1,173 @@
+"""The LLaMA-2 architecture: RMSNorm, rotary, grouped-query attention, SwiGLU, untied output head.
+
+Parameter names follow Hugging Face's LlamaForCausalLM (without its `model.` prefix), so checkpoints
+map one to one. Sequences are handled packed: a (T,) stream of tokens with per-document positions and
+`cu_seqlens` boundaries; a (B, T) batch is the special case of B documents of length T.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import kernels as K
+from .attention import KVCache, varlen_attention
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.rope_theta = args.rope_theta
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, n_heads, D)
+        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, D)
+        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        q, k = K.apply_rotary(q, k, positions, self.rope_theta)
+        if cache is not None:  # the cache stores k, v and attends (prefill or decode)
+            out = cache.attend(self.layer_id, q, k, v)
+        else:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(K.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_id)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cu_seqlens, max_seqlen, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02):
+        """Normal(0, std) for every matrix, ones for the norms (as Hugging Face initialises LLaMA)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen: int | None = None, labels=None,
+                cache=None, logits_index=None):
+        """Run the model.
+
+        Args:
+            tokens: (B, T) equal-length sequences, or (T,) packed documents.
+            positions: (T,) int64 position of each packed token within its document (restarting at 0).
+            cu_seqlens: (n_docs + 1,) int32 document boundaries of a packed call; max_seqlen: a Python int.
+            labels: same shape as tokens, aligned with the logits (the token to predict at t; -100 for none).
+            cache: a KV cache (see attention.KVCache) that stores keys/values and attends; packed calls only.
+            logits_index: (N,) rows of the packed stream to compute logits for (e.g. each sequence's last).
+        Returns:
+            logits (B, T, V) or (T, V) (or (N, V) with logits_index), in the activations' dtype; with
+            `labels`, `(loss_sum, n_targets)`: the fp32 summed cross-entropy and the number of targets.
+        """
+        batched = tokens.dim() == 2
+        if batched:
+            B, L = tokens.shape
+            if positions is None:
+                positions = torch.arange(L, device=tokens.device).repeat(B)
+            if cu_seqlens is None:
+                cu_seqlens = torch.arange(0, B * L + 1, L, device=tokens.device, dtype=torch.int32)
+                max_seqlen = L
+            tokens = tokens.reshape(-1)
+            labels = labels.reshape(-1) if labels is not None else None
+        elif cu_seqlens is None and cache is None:
+            raise ValueError("a packed (1-D) call needs positions, cu_seqlens and max_seqlen")
+        if positions is None:
+            raise ValueError("a packed (1-D) call needs positions")
+
+        x = self.embed_tokens(tokens)  # (T, dim)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+            else:
+                x = layer(x, positions, cu_seqlens, max_seqlen, cache)
+        x = self.norm(x)
+
+        if labels is not None:  # the output head and the loss fused: full logits are never materialised
+            loss_sum = K.fused_linear_cross_entropy(x, self.lm_head.weight, labels, reduction="sum")
+            return loss_sum, (labels != -100).sum()
+        if logits_index is not None:
+            x = x[logits_index]
+        logits = self.lm_head(x)
+        return logits.view(B, L, -1) if batched and logits_index is None else logits
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt with a KV cache (for tests and the demo; the sampler
+        in fastmath.sampler is the fast path). Returns the new tokens of each prompt, stopping after EOS."""
+        device = self.embed_tokens.weight.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        cache = KVCache(self.args.n_layers, len(prompts), int(lengths.max()) + max_new_tokens, self.args.n_kv_heads,
+                        self.args.head_dim, self.embed_tokens.weight.dtype, device)
+        tokens = torch.tensor([t for p in prompts for t in p], device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])
+        cache.prefill(lengths)
+        logits = self(tokens, positions=positions, cache=cache, logits_index=torch.cumsum(lengths, 0) - 1)
+        cache.advance()
+        out = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # (B,)
+            for b in (~done).nonzero().flatten().tolist():
+                out[b].append(int(nxt[b]))
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            cache.decode()
+            logits = self(nxt, positions=cache.lengths.long(), cache=cache)
+            cache.advance()
+        return out
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
