@@ -81,28 +81,38 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, vocab_
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "sp")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            split_digits=True,
-            byte_fallback=True,
-            character_coverage=1.0,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True,
-            max_sentence_length=1 << 16,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=min(4, os.cpu_count() or 1),
-            minloglevel=2,
-        )
+        try:
+            _train_spm(texts, prefix, vocab_size)
+        except RuntimeError as e:
+            if "Vocabulary size is smaller than required_chars" in str(e):
+                raise ValueError(f"vocab_size {vocab_size} is too small for this text: byte fallback takes 256 "
+                                 f"ids plus 3 special ones, and every distinct character needs one") from None
+            raise
         data = Path(prefix + ".model").read_bytes()
     tmp_model = output_path.with_name(output_path.name + ".tmp")
     tmp_model.write_bytes(data)
     os.replace(tmp_model, output_path)  # atomic: a reader never sees a half-written model
     return Tokenizer(output_path)
+
+
+def _train_spm(texts: list[str], prefix: str, vocab_size: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        split_digits=True,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=min(4, os.cpu_count() or 1),
+        minloglevel=2,
+    )
