@@ -38,6 +38,15 @@ class LazyGroup(click.Group):
         cmd.short_help = short_help
         return cmd
 
+    def invoke(self, ctx):
+        # A bad checkpoint directory is the user's mistake, not a bug: one sentence, no traceback.
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            if type(e).__name__ == "CheckpointError":  # fastmath.checkpoint, not imported here: it needs torch
+                raise click.ClickException(str(e)) from None
+            raise
+
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
         with formatter.section("Commands"):
