@@ -1,0 +1,642 @@
+"""The synthesis run: item plan, journal, resume, dedup/decontamination, consistency vote, cost.
+
+Files, for `--out data/synth.jsonl`:
+    data/synth.jsonl          kept records: question, solution, answer, seed_id, model, usage (+ style, item)
+    data/synth.journal.jsonl  a header (argument fingerprint) then every raw reply, appended and fsynced
+                              BEFORE it is parsed; the single source of truth for resume
+    data/synth.rejects.jsonl  replies that could not be parsed, with the reason
+    data/synth.report.json    counts (kept, dropped by reason, rejects, consistency), usage and cost
+
+Item i of the plan uses seed `plan.seed_index(i)` (a fixed shuffle of the seeds per epoch, from `--seed`).
+An item is: one question call (retried while unparseable, up to a limit), a duplicate/contamination check
+of the question, k answer calls, a majority vote when k > 1, then one record. Dropped items are replaced
+by the next items of the plan until `num_questions` records are kept (or `max_items` items were tried).
+
+Resume: the journal is replayed through the same code path as live replies (`SynthState.on_reply`), so
+the records, rejects and every decision are rebuilt exactly; only requests in flight at a crash are sent
+again. Records and rejects are rewritten from the replay, then appended to live.
+"""
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import prompts
+from .dedup import ContaminationIndex, NearDupIndex
+from .parse import ParseError, load_problems, normalise_answer, parse_answer_reply, parse_question_reply
+
+JOURNAL_VERSION = 1
+
+# USD per million tokens (input, output); the longest matching prefix of the model name wins.
+PRICES = {
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "gpt-4-0125-preview": (10.0, 30.0),
+    "gpt-4-32k": (60.0, 120.0),
+    "gpt-4": (30.0, 60.0),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+
+class SynthError(ValueError):
+    """A user-facing problem (bad input file, mismatched resume, unusable endpoint): one clear sentence."""
+
+
+def model_price(model, price_in=None, price_out=None):
+    """(input, output) USD per million tokens for `model`, overrides applied; None when unknown."""
+    match = max((k for k in PRICES if model.startswith(k)), key=len, default=None)
+    base = PRICES.get(match)
+    if price_in is None and price_out is None:
+        return base
+    if base is None and (price_in is None or price_out is None):
+        return None
+    return (price_in if price_in is not None else base[0], price_out if price_out is not None else base[1])
+
+
+@dataclass
+class SynthConfig:
+    """Every setting of a run; see `fastmath synth --help` for the meaning of each."""
+    seeds: Path
+    out: Path
+    num_questions: int | None = None
+    per_seed: int | None = None
+    model: str = "gpt-4-turbo"
+    base_url: str | None = None
+    concurrency: int = 16
+    style: str = "auto"
+    consistency: int = 1
+    decontaminate: tuple = ()
+    max_cost: float | None = None
+    seed: int = 0
+    timeout: float = 120.0
+    max_retries: int = 8
+    retry_base_delay: float = 1.0
+    temperature: float = 1.0
+    max_tokens: int | None = None
+    price_in: float | None = None
+    price_out: float | None = None
+    max_parse_retries: int = 3
+    dedup_ngram: int = 3
+    dedup_threshold: float = 0.7
+    decontam_ngram: int = 10
+    max_items: int | None = None
+    progress: bool = True
+
+
+def output_paths(out):
+    """dict name -> Path of the files written beside `out` (records, journal, rejects, report)."""
+    out = Path(out)
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return {
+        "records": out,
+        "journal": out.with_name(stem + ".journal.jsonl"),
+        "rejects": out.with_name(stem + ".rejects.jsonl"),
+        "report": out.with_name(stem + ".report.json"),
+    }
+
+
+class ItemPlan:
+    """Deterministic seed choice: item i uses seed perm_e[i % n] with e = i // n, where perm_e is a shuffle of
+    range(n) seeded by (seed, e). Every block of n consecutive items uses every seed once."""
+
+    def __init__(self, n_seeds, seed):
+        self.n, self.seed = n_seeds, seed
+        self._perms = {}
+
+    def seed_index(self, item):
+        epoch, pos = divmod(item, self.n)
+        if epoch not in self._perms:
+            self._perms[epoch] = random.Random(f"fastmath-synth:{self.seed}:{epoch}").sample(range(self.n), self.n)
+        return self._perms[epoch][pos]
+
+
+@dataclass
+class Item:
+    id: int
+    seed: int  # index into the seed list
+    style: str
+    k: int
+    question: str | None = None
+    question_rejects: int = 0
+    answers: list = field(default_factory=list)  # per slot: None or (solution, answer, model)
+    answer_rejects: list = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+
+    def __post_init__(self):
+        self.answers = [None] * self.k
+        self.answer_rejects = [0] * self.k
+
+
+def _load_equiv():
+    """fastmath.grading.is_equiv when that module exists, else None (exact match of normalised answers)."""
+    try:
+        from fastmath.grading import is_equiv
+    except (ImportError, AttributeError):
+        return None
+    return is_equiv
+
+
+class SynthState:
+    """Item bookkeeping shared by live replies and journal replay.
+
+    `on_reply(entry)` is the only place a reply changes the state, so replaying the journal in order
+    reproduces every decision of the original run.
+    """
+
+    def __init__(self, cfg, seeds, n_target, max_items, near, contam, sink, equiv):
+        self.cfg, self.seeds, self.n_target, self.max_items = cfg, seeds, n_target, max_items
+        self.plan = ItemPlan(len(seeds), cfg.seed)
+        self.near, self.contam, self.sink, self.equiv = near, contam, sink, equiv
+        self.active = {}  # item id -> Item (issued, not finished)
+        self.finished = set()  # ids kept or dropped
+        self.queue = deque()  # pending requests (item id, kind, slot) of active items
+        self.next_id = 0
+        self.kept = 0
+        self.dropped = Counter()
+        self.contaminated_by = Counter()
+        self.rejected = Counter()
+        self.voted = 0
+        self.usage = Counter()
+
+    # ---- issuing ----------------------------------------------------------------------------------------------
+    def _item(self, item_id):
+        item = self.active.get(item_id)
+        if item is None:
+            seed = self.plan.seed_index(item_id)
+            style = self.cfg.style if self.cfg.style != "auto" else self.seeds[seed].style
+            item = self.active[item_id] = Item(item_id, seed, style, self.cfg.consistency)
+            self.next_id = max(self.next_id, item_id + 1)
+        return item
+
+    def can_issue(self):
+        return self.kept + len(self.active) < self.n_target and self.next_id < self.max_items
+
+    def next_request(self):
+        """The next request to send: a pending follow-up, else the first question of a new item, else None."""
+        if self.queue:
+            return self.queue.popleft()
+        if self.can_issue():
+            return (self._item(self.next_id).id, "question", 0)
+        return None
+
+    def rebuild_queue(self):
+        """After replay: every issued, unfinished item needs its missing requests (lost in flight at the crash)."""
+        for item_id in range(self.next_id):
+            if item_id not in self.finished:
+                self._item(item_id)
+        self.queue.clear()
+        for item_id in sorted(self.active):
+            item = self.active[item_id]
+            if item.question is None:
+                self.queue.append((item_id, "question", 0))
+            else:
+                self.queue.extend((item_id, "answer", s) for s, a in enumerate(item.answers) if a is None)
+
+    def messages(self, request):
+        item_id, kind, _ = request
+        item = self.active[item_id]
+        if kind == "question":
+            return prompts.question_messages(self.seeds[item.seed].question, item.style)
+        return prompts.answer_messages(item.question, item.style)
+
+    def done(self):
+        return self.kept >= self.n_target or (not self.active and not self.can_issue())
+
+    # ---- replies ----------------------------------------------------------------------------------------------
+    def on_reply(self, entry):
+        """Apply one journaled reply: parse, check, vote, write a record or a reject, queue follow-ups."""
+        item_id, kind, slot = entry["item"], entry["kind"], entry["slot"]
+        self.usage["prompt_tokens"] += entry["prompt_tokens"]
+        self.usage["completion_tokens"] += entry["completion_tokens"]
+        self.usage["requests"] += 1
+        if item_id in self.finished:
+            return  # a reply for an item already finished (cannot happen in a consistent journal)
+        item = self._item(item_id)
+        item.prompt_tokens += entry["prompt_tokens"]
+        item.completion_tokens += entry["completion_tokens"]
+        item.requests += 1
+        if kind == "question":
+            if item.question is None:
+                self._on_question(item, entry)
+        elif item.question is not None and slot < item.k and item.answers[slot] is None:
+            self._on_answer(item, slot, entry)
+
+    def _reject(self, item, entry, reason, attempt):
+        self.rejected[entry["kind"]] += 1
+        self.sink.reject({"item": item.id, "kind": entry["kind"], "slot": entry["slot"], "attempt": attempt,
+                          "reason": reason, "text": entry["text"]})
+
+    def _on_question(self, item, entry):
+        try:
+            question = parse_question_reply(entry["text"])
+        except ParseError as e:
+            item.question_rejects += 1
+            self._reject(item, entry, str(e), item.question_rejects)
+            if item.question_rejects > self.cfg.max_parse_retries:
+                self._drop(item, "unparseable_question")
+            else:
+                self.queue.append((item.id, "question", 0))
+            return
+        source = self.contam.query(question) if self.contam is not None else None
+        if source is not None:
+            self.contaminated_by[source[0]] += 1
+            self._drop(item, "contaminated")
+            return
+        dup = self.near.query(question)
+        if dup is not None:
+            (kind, _), sim = dup
+            self._drop(item, "seed_copy" if kind == "seed" else "duplicate_exact" if sim == 1.0 else "near_duplicate")
+            return
+        item.question = question
+        self.near.add(("item", item.id), question)  # reserved now, so concurrent items cannot duplicate it
+        self.queue.extend((item.id, "answer", s) for s in range(item.k))
+
+    def _on_answer(self, item, slot, entry):
+        try:
+            solution, answer = parse_answer_reply(entry["text"], item.style)
+        except ParseError as e:
+            item.answer_rejects[slot] += 1
+            self._reject(item, entry, str(e), item.answer_rejects[slot])
+            if item.answer_rejects[slot] > self.cfg.max_parse_retries:
+                self._drop(item, "unparseable_answer")
+            else:
+                self.queue.append((item.id, "answer", slot))
+            return
+        item.answers[slot] = (solution, answer, entry.get("model") or self.cfg.model)
+        if all(a is not None for a in item.answers):
+            self._finish(item)
+
+    def _same(self, a, b):
+        if normalise_answer(a) == normalise_answer(b):
+            return True
+        if self.equiv is None:
+            return False
+        try:
+            return bool(self.equiv(a, b))
+        except Exception:  # grading promises never to raise; a bug there must not kill a paid-for run
+            return False
+
+    def _finish(self, item):
+        groups = []  # lists of slot indices with equivalent answers, in slot order
+        for s, (_, answer, _) in enumerate(item.answers):
+            for g in groups:
+                if self._same(answer, item.answers[g[0]][1]):
+                    g.append(s)
+                    break
+            else:
+                groups.append([s])
+        best = max(groups, key=len)  # first biggest group
+        if item.k > 1:
+            self.voted += 1
+            if 2 * len(best) <= item.k:
+                self._drop(item, "inconsistent")
+                return
+        solution, answer, model = item.answers[best[0]]
+        record = {"question": item.question, "solution": solution, "answer": answer,
+                  "seed_id": self.seeds[item.seed].id, "model": model,
+                  "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
+                            "requests": item.requests},
+                  "style": item.style, "item": item.id}
+        if item.k > 1:
+            record["consistency"] = {"k": item.k, "agree": len(best)}
+        self.sink.record(record)
+        self.kept += 1
+        self._close(item)
+
+    def _drop(self, item, reason):
+        self.dropped[reason] += 1
+        self.near.remove(("item", item.id))
+        self._close(item)
+
+    def _close(self, item):
+        del self.active[item.id]
+        self.finished.add(item.id)
+        if self.queue:
+            self.queue = deque(r for r in self.queue if r[0] != item.id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_arguments(cfg, n_target, max_items):
+    """The arguments that decide the output (file contents by hash; not the key, URL, concurrency or budget)."""
+    return {
+        "seeds_sha256": _sha256(cfg.seeds),
+        "num_questions": n_target,
+        "model": cfg.model,
+        "style": cfg.style,
+        "consistency": cfg.consistency,
+        "decontaminate_sha256": sorted(_sha256(p) for p in cfg.decontaminate),
+        "seed": cfg.seed,
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.max_tokens,
+        "max_parse_retries": cfg.max_parse_retries,
+        "dedup_ngram": cfg.dedup_ngram,
+        "dedup_threshold": cfg.dedup_threshold,
+        "decontam_ngram": cfg.decontam_ngram,
+        "max_items": max_items,
+        "prompts": prompts.prompt_version(),
+        # the vote must replay identically, so a resume may not switch the comparison
+        "answer_equivalence": ("fastmath.grading.is_equiv" if _load_equiv() else "normalised exact match")
+        if cfg.consistency > 1 else None,
+    }
+
+
+def _fingerprint(args):
+    return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
+
+
+class Journal:
+    """Append-only JSONL of raw replies; each line is flushed and fsynced before the reply is parsed."""
+
+    def __init__(self, path, header):
+        self.path = Path(path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        if self._f.tell() == 0:
+            self.append(header)
+
+    def append(self, entry):
+        self._f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self):
+        self._f.close()
+
+
+def iter_journal(path):
+    """Yield the header, then every entry of a journal, streaming; a torn last line (crash mid-write) is cut
+    off the file once the iteration reaches the end.
+
+    Raises:
+        SynthError: no header, or a damaged line before the last, naming the file and line.
+    """
+    torn = None  # (line number, byte offset) of an unreadable line; fatal unless it is the last one
+    offset, header_seen = 0, False
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            if torn is not None:
+                raise SynthError(f"{path}:{torn[0]}: damaged journal line; cannot resume from this journal")
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                torn = (line_no, start)
+                continue
+            if not header_seen:
+                if not isinstance(record, dict) or record.get("type") != "header":
+                    break
+                header_seen = True
+            yield record
+    if not header_seen:
+        raise SynthError(f"{path}:1: not a fastmath synth journal (no header line)")
+    if torn is not None:
+        with open(path, "r+b") as f:  # the reply on that line is requested again
+            f.truncate(torn[1])
+
+
+class _Sink:
+    """Writes records and rejects, one flushed JSONL line each."""
+
+    def __init__(self, records_f, rejects_f):
+        self.records_f, self.rejects_f = records_f, rejects_f
+
+    def record(self, rec):
+        self.records_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.records_f.flush()
+
+    def reject(self, rec):
+        self.rejects_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.rejects_f.flush()
+
+
+def _load(path, what):
+    try:
+        return load_problems(path)
+    except ValueError as e:
+        raise SynthError(f"{what} file {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_synth(cfg, api_key):
+    """Run (or resume) a synthesis job; returns the report dict (also written to the report file).
+
+    Raises:
+        SynthError: bad inputs, a journal made with other arguments, or an API that cannot be used
+        (bad key, unreachable endpoint, retries exhausted); the message is one sentence for the user.
+    """
+    from .client import ChatClient, FatalAPIError, RetryPolicy  # imports openai
+
+    if not api_key:
+        raise SynthError("Set OPENAI_API_KEY to your API key (any non-empty value for a local server).")
+    if (cfg.num_questions is None) == (cfg.per_seed is None):
+        raise SynthError("Give exactly one of --num-questions and --per-seed.")
+    if cfg.consistency < 1 or cfg.concurrency < 1:
+        raise SynthError("--consistency and --concurrency must be at least 1.")
+    seeds = _load(cfg.seeds, "seeds")
+    n_target = cfg.num_questions if cfg.num_questions is not None else cfg.per_seed * len(seeds)
+    if n_target < 1:
+        raise SynthError("Nothing to do: the number of questions must be at least 1.")
+    max_items = cfg.max_items if cfg.max_items is not None else 3 * n_target + 10
+    price = model_price(cfg.model, cfg.price_in, cfg.price_out)
+    if cfg.max_cost is not None and price is None:
+        raise SynthError(f"No price known for model '{cfg.model}'; give --price-in and --price-out to use --max-cost.")
+
+    near = NearDupIndex(cfg.dedup_ngram, cfg.dedup_threshold, reference=[s.question for s in seeds])
+    for i, s in enumerate(seeds):
+        near.add(("seed", i), s.question)
+    contam, decontam_sizes = None, {}
+    if cfg.decontaminate:
+        contam = ContaminationIndex(cfg.decontam_ngram)
+        for path in cfg.decontaminate:
+            problems = _load(path, "decontamination")
+            decontam_sizes[Path(path).name] = len(problems)
+            for p in problems:
+                contam.add(p.question, (Path(path).name, p.id))
+
+    paths = output_paths(cfg.out)
+    args = run_arguments(cfg, n_target, max_items)
+    header = {"type": "header", "version": JOURNAL_VERSION, "fingerprint": _fingerprint(args), "args": args,
+              "paths": {"seeds": str(cfg.seeds), "decontaminate": [str(p) for p in cfg.decontaminate]}}
+    entries = iter(())
+    if paths["journal"].exists():
+        entries = iter_journal(paths["journal"])
+        old = next(entries)
+        if old.get("fingerprint") != header["fingerprint"]:
+            old_args = old.get("args", {})
+            diff = [k for k in sorted(set(args) | set(old_args)) if old_args.get(k) != args.get(k)]
+            raise SynthError(
+                f"{paths['records']} was started with different arguments ({', '.join(diff) or 'version'} differ); "
+                "rerun with the original arguments to resume, or choose another --out."
+            )
+    elif paths["records"].exists() and paths["records"].stat().st_size > 0:
+        raise SynthError(f"{paths['records']} exists but has no journal {paths['journal'].name}; "
+                         "refusing to overwrite it, choose another --out.")
+    paths["records"].parent.mkdir(parents=True, exist_ok=True)
+
+    # Replay into fresh copies of the record and reject files, then swap them in; the handles stay open
+    # for live appends (a rename keeps an open file).
+    tmp = {k: paths[k].with_name(paths[k].name + ".tmp") for k in ("records", "rejects")}
+    records_f = open(tmp["records"], "w", encoding="utf-8")
+    rejects_f = open(tmp["rejects"], "w", encoding="utf-8")
+    state = SynthState(cfg, seeds, n_target, max_items, near, contam, _Sink(records_f, rejects_f),
+                       _load_equiv() if cfg.consistency > 1 else None)
+    replayed = 0
+    for entry in entries:
+        state.on_reply(entry)
+        replayed += 1
+    state.rebuild_queue()
+    for k in ("records", "rejects"):
+        (records_f if k == "records" else rejects_f).flush()
+        os.replace(tmp[k], paths[k])
+    resumed = {"replies": replayed, "kept": state.kept}
+
+    journal = Journal(paths["journal"], header)
+    client = ChatClient(api_key, cfg.base_url, cfg.model, timeout=cfg.timeout, temperature=cfg.temperature,
+                        max_tokens=cfg.max_tokens,
+                        policy=RetryPolicy(max_retries=cfg.max_retries, base_delay=cfg.retry_base_delay))
+    start = time.time()
+    stopped, error = None, None
+    try:
+        stopped = asyncio.run(_run_live(state, client, journal, cfg, price, n_target))
+    except FatalAPIError as e:
+        stopped, error = "error", str(e)
+    finally:
+        journal.close()
+        records_f.close()
+        rejects_f.close()
+    if stopped is None and state.kept < n_target:
+        stopped = "max_items"
+    report = _report(state, cfg, paths, n_target, max_items, price, stopped, error, client.retries,
+                     time.time() - start, resumed, decontam_sizes)
+    tmp_report = paths["report"].with_name(paths["report"].name + ".tmp")
+    tmp_report.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_report, paths["report"])
+    if error is not None:
+        raise SynthError(error)
+    return report
+
+
+def _cost(usage, price):
+    if price is None:
+        return None
+    return (usage["prompt_tokens"] * price[0] + usage["completion_tokens"] * price[1]) / 1e6
+
+
+async def _run_live(state, client, journal, cfg, price, n_target):
+    """Send requests until done, the budget is spent, or a fatal error; returns the stop reason or None."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_target, initial=state.kept, unit="q", desc="synth", disable=not cfg.progress,
+               dynamic_ncols=True)
+
+    def postfix():
+        cost = _cost(state.usage, price)
+        tokens = state.usage["prompt_tokens"] + state.usage["completion_tokens"]
+        spend = f"${cost:.2f}" if cost is not None else f"{tokens} tok"
+        bar.set_postfix_str(f"{spend} dropped={sum(state.dropped.values())} rejects={sum(state.rejected.values())}")
+
+    postfix()
+    in_flight = {}  # task -> request
+    stopped, fatal = None, None
+    try:
+        while True:
+            while stopped is None and fatal is None and not state.done():
+                if cfg.max_cost is not None:
+                    spent = _cost(state.usage, price)
+                    if state.usage["requests"] == 0:
+                        if in_flight:  # no cost known yet: one request at a time under a budget
+                            break
+                    elif spent + len(in_flight) * spent / state.usage["requests"] >= cfg.max_cost:
+                        stopped = "max_cost"  # no new requests; those in flight finish and are journaled
+                        break
+                if len(in_flight) >= cfg.concurrency:
+                    break
+                request = state.next_request()
+                if request is None:
+                    break
+                in_flight[asyncio.ensure_future(client.complete(state.messages(request)))] = request
+            if not in_flight:
+                break
+            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: in_flight[t]):
+                item_id, kind, slot = in_flight.pop(task)
+                if task.exception() is not None:
+                    fatal = fatal or task.exception()
+                    continue
+                reply = task.result()
+                entry = {"item": item_id, "kind": kind, "slot": slot, "text": reply.text,
+                         "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                         "model": reply.model, "finish_reason": reply.finish_reason, "id": reply.id,
+                         "time": round(time.time(), 3)}
+                journal.append(entry)  # on disk before it is parsed
+                kept = state.kept
+                state.on_reply(entry)
+                bar.update(state.kept - kept)
+                postfix()
+            if fatal is not None:
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+                in_flight.clear()
+                raise fatal
+    finally:
+        bar.close()
+        await client.close()
+    return stopped
+
+
+def _report(state, cfg, paths, n_target, max_items, price, stopped, error, retries, seconds, resumed, decontam_sizes):
+    cost = _cost(state.usage, price)
+    return {
+        "output": str(paths["records"]),
+        "journal": str(paths["journal"]),
+        "rejects": str(paths["rejects"]),
+        "model": cfg.model,
+        "requested": n_target,
+        "kept": state.kept,
+        "complete": state.kept >= n_target,
+        "stopped": stopped,
+        "error": error,
+        "items_started": state.next_id,
+        "max_items": max_items,
+        "dropped": {k: state.dropped.get(k, 0) for k in ("duplicate_exact", "near_duplicate", "seed_copy",
+                                                          "contaminated", "inconsistent", "unparseable_question",
+                                                          "unparseable_answer")},
+        "contaminated_by_file": dict(sorted(state.contaminated_by.items())),
+        "rejected_replies": {"question": state.rejected.get("question", 0), "answer": state.rejected.get("answer", 0)},
+        "consistency": {"k": cfg.consistency, "voted": state.voted, "kept": state.voted - state.dropped["inconsistent"],
+                        "dropped": state.dropped["inconsistent"]},
+        "dedup": {"ngram": cfg.dedup_ngram, "threshold": cfg.dedup_threshold},
+        "decontamination": {"ngram": cfg.decontam_ngram, "files": decontam_sizes},
+        "usage": {k: state.usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "requests")},
+        "price_per_million_tokens": {"input": price[0], "output": price[1]} if price else None,
+        "cost_usd": round(cost, 6) if cost is not None else None,
+        "max_cost_usd": cfg.max_cost,
+        "retries_this_session": retries,
+        "seconds_this_session": round(seconds, 3),
+        "resumed_from_journal": resumed,
+    }
