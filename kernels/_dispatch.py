@@ -10,7 +10,7 @@ import os
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is a core dependency
@@ -41,3 +41,34 @@ def kernel_status() -> str:
     if INTERPRET and os.environ.get("FASTMATH_KERNELS", "") == "1":
         return "on for CPU tensors (Triton interpreter)"
     return "off on CPU (PyTorch references; TRITON_INTERPRET=1 FASTMATH_KERNELS=1 runs the interpreter)"
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a program that walks a row of `block` elements (more warps for wider rows)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def num_workers(t: torch.Tensor) -> int:
+    """Programs that walk rows in a persistent loop: one per SM on a GPU, a few under the interpreter."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return 4
+
+
+def rows_per_program(n_rows: int, row_elements: int, t: torch.Tensor) -> int:
+    """Rows one program handles as a 2-D block (a power of two).
+
+    On a GPU: one row when rows are wide, several when they are narrow (keeps each program ~2K elements).
+    Under the interpreter every program costs milliseconds of Python whatever its size, so: as many rows
+    as fit in 64K elements.
+    """
+    row_block = triton.next_power_of_2(max(row_elements, 1))
+    if t.is_cuda:
+        return max(1, min(16, 2048 // row_block))
+    return max(1, min(triton.next_power_of_2(n_rows), 65536 // row_block))
