@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("flash", "xformers", "torch")
+HALF = (torch.float16, torch.bfloat16)  # the fused CUDA kernels (flash-attn, xformers, varlen_attn) take only these
 
 
 @functools.cache
@@ -88,6 +89,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float 
         (T, n_heads, D) in q.dtype.
     """
     backend = backend or select_backend(q.device)
+    if q.dtype not in HALF:  # fp32 (tests, CPU training): SDPA computes it exactly
+        return sdpa_varlen(q, k, v, cu_seqlens, softmax_scale)
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
@@ -173,7 +176,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
         (B, n_heads, D).
     """
     backend = backend or select_backend(q.device)
-    if backend == "flash":
+    if backend == "flash" and q.dtype in HALF:
         from flash_attn import flash_attn_with_kvcache
 
         out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=cache_seqlens.to(torch.int32),
