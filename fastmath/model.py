@@ -37,12 +37,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None):
+    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None, rope=None):
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, n_heads, D)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, D)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = K.apply_rotary(q, k, positions, self.rope_theta)
+        q, k = K.apply_rotary(q, k, positions, self.rope_theta, cos_sin=rope)
         if cache is not None:  # the cache stores k, v and attends (prefill or decode)
             out = cache.attend(self.layer_id, q, k, v)
         else:
@@ -69,8 +69,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cu_seqlens, max_seqlen, cache)
+    def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None, rope=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cu_seqlens, max_seqlen, cache, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -125,11 +125,13 @@ class Transformer(nn.Module):
             raise ValueError("a packed (1-D) call needs positions")
 
         x = self.embed_tokens(tokens)  # (T, dim)
+        # The reference rotary path shares one cos/sin table across layers; the Triton kernel needs none.
+        rope = None if K.use_triton(x) else K.rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, cache, use_reentrant=False)
+                x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, cache, rope, use_reentrant=False)
             else:
-                x = layer(x, positions, cu_seqlens, max_seqlen, cache)
+                x = layer(x, positions, cu_seqlens, max_seqlen, cache, rope)
         x = self.norm(x)
 
         if labels is not None:  # the output head and the loss fused: full logits are never materialised

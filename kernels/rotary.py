@@ -25,15 +25,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0):
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+                     cos_sin=None):
     """PyTorch reference.
 
     Args:
         q: (T, n_heads, D); k: (T, n_kv_heads, D); positions: (T,) int64.
+        cos_sin: optional `rotary_cos_sin(positions, D, theta)`, computed once by a caller with many layers.
     Returns:
         (q_rot, k_rot) with the shapes and dtypes of q and k; math in fp32.
     """
-    cos, sin = rotary_cos_sin(positions, q.shape[-1], theta)
+    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, q.shape[-1], theta)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
 
     def rot(x):
@@ -139,12 +141,15 @@ class _Rotary(torch.autograd.Function):
         return dq, dk, None, None
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0):
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+                 cos_sin=None):
     """Rotate q and k by their positions (HF rotate_half convention); see `apply_rotary_ref`.
 
     Args:
         q: (T, n_heads, D); k: (T, n_kv_heads, D); positions: (T,) integer.
         theta: rope base; inv_freq is computed in fp32 exactly as transformers does.
+        cos_sin: optional precomputed `rotary_cos_sin(positions, D, theta)` for the reference path (the
+            kernel computes its angles on the fly and ignores it).
     Returns:
         (q_rot, k_rot), new tensors with the shapes and dtypes of q and k.
     """
@@ -156,4 +161,4 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, thet
             raise ValueError(f"apply_rotary: positions shape {tuple(positions.shape)} should be ({q.shape[0]},)")
         inv_freq = rotary_inv_freq(q.shape[-1], theta, q.device)
         return _Rotary.apply(_unit_stride(q), _unit_stride(k), positions.contiguous(), inv_freq)
-    return apply_rotary_ref(q, k, positions, theta)
+    return apply_rotary_ref(q, k, positions, theta, cos_sin)
