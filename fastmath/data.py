@@ -140,12 +140,12 @@ def record_to_example(rec) -> Example:
                      "MATH (problem, solution), fastmath (question, solution, answer) or text")
 
 
-def read_examples(path: str | os.PathLike) -> list[Example]:
-    """All examples of a JSONL file; any bad line is a ValueError naming the file and line."""
+def iter_examples(path: str | os.PathLike):
+    """Yield (line number, raw record, Example) for each non-blank line of a JSONL file; a missing file,
+    malformed JSON or an unknown record is a ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -155,9 +155,15 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             try:
-                out.append(record_to_example(rec))
+                yield lineno, rec, record_to_example(rec)
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """All examples of a JSONL file; any bad line is a ValueError naming the file and line."""
+    path = Path(path)
+    out = [ex for _, _, ex in iter_examples(path)]
     if not out:
         raise ValueError(f"{path}: empty file (no records)")
     return out

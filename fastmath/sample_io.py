@@ -105,25 +105,19 @@ def load_problems(data: str | None, limit: int | None, cfg: dict) -> tuple[list[
     if not path.is_file():
         raise SampleError(f"{data}: data file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        for lineno, rec, ex in D.iter_examples(path):
             if limit and len(out) >= limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SampleError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            try:
-                ex = D.record_to_example(rec)
-            except ValueError as e:
-                raise SampleError(f"{path}:{lineno}: {e}") from None
             if ex.prompt is None:
                 raise SampleError(f"{path}:{lineno}: a plain 'text' record has no question to answer")
             i = len(out)
             out.append(Problem(i, rec.get("id", rec.get("unique_id", i)), ex.prompt, ex.answer,
                                rec.get("type"), rec.get("level")))
+    except SampleError:
+        raise
+    except ValueError as e:  # malformed JSON or an unknown record, already naming file and line
+        raise SampleError(str(e)) from None
     if not out:
         raise SampleError(f"{path}: empty file (no problems)")
     return out, str(path.resolve())

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .grading import extract_answer, is_equiv
 from .synth import procedural as P
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,37 +245,9 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def extract_answer(text: str) -> str | None:
-    """The text after the last 'The answer is:' up to the end of its line (no trailing period)."""
-    i = text.rfind("The answer is")
-    if i < 0:
-        return None
-    ans = text[i + len("The answer is"):].lstrip(": ").split("\n")[0].strip()
-    return ans.rstrip(".").strip() or None
-
-
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """Graded with fastmath.grading when present; otherwise exact match or numeric equality."""
-    if pred is None or gold is None:
-        return False
-    try:
-        from .grading import is_equiv  # noqa: PLC0415 - optional module
-
-        return bool(is_equiv(gold, pred))
-    except ImportError:
-        pass
-
-    def num(s):
-        s = s.replace(",", "").replace("$", "").strip()
-        try:
-            return float(s)
-        except ValueError:
-            return None
-
-    a, b = num(pred), num(gold)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return pred.strip() == gold.strip()
+    """fastmath.grading's verdict: the prediction against the reference answer."""
+    return pred is not None and gold is not None and is_equiv(pred, gold)
 
 
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, dist_=None) -> list[list[int]]:
@@ -346,7 +319,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
         gens = greedy_generate(model, prompts, max_new_tokens, tokenizer.eos_id, dist_ if dist_.enabled else None)
         for p, g in zip(chunk, gens[:n_real]):
             text = tokenizer.decode(g)
-            pred = extract_answer(text)
+            pred = extract_answer(text)  # fastmath.grading: the same extraction as `fastmath sample`
             rows.append({"question": p["question"], "gold": p["answer"], "pred": pred, "output": text,
                          "correct": answers_match(pred, str(p["answer"]))})
     counts = torch.tensor([sum(r["correct"] for r in rows), len(rows)], dtype=torch.float64)
