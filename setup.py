@@ -18,6 +18,7 @@ setup(
         "click>=8.1",
         "tqdm>=4.64",
         "pyyaml>=6.0",
+        "tomli>=1.1; python_version < '3.11'",  # TOML training configs (tomllib is built in from 3.11)
         "jsonschema>=4.0",
         "matplotlib>=3.6",
         "openai>=1.0",
