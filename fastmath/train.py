@@ -578,7 +578,7 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     import torch
 
     from . import distributed as dist_mod
-    from .checkpoint import load_model, save_checkpoint
+    from .checkpoint import load_model, read_model_args, save_checkpoint
     from .config import get_preset
     from .model import Transformer
 
@@ -610,15 +610,14 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     prep = prepare_data(cfg, run_dir, dist_, log=say)
     tok = prep.tokenizer
 
-    # Model: a preset from scratch (vocab replaced by the tokenizer's) or a checkpoint to fine-tune.
-    torch.manual_seed(cfg.seed)
-    if is_checkpoint_dir(cfg.model):
-        model = load_model(cfg.model, device="cpu", dtype=torch.float32)
-        tok.check_model_vocab(model.args.vocab_size)
+    # Model: a preset from scratch (vocab replaced by the tokenizer's) or a checkpoint to fine-tune. Its
+    # shape is known before any weight exists, so --dry-run never allocates a 7B model.
+    finetune = is_checkpoint_dir(cfg.model)
+    if finetune:
+        args = read_model_args(cfg.model)
+        tok.check_model_vocab(args.vocab_size)
     else:
         args = get_preset(cfg.model).replace(vocab_size=tok.vocab_size, max_seq_len=max(cfg.max_len, 512))
-        model = Transformer(args)
-    args = model.args
     micro = cfg.micro_batch_tokens
     accum = max(1, round(cfg.batch_tokens / (micro * dist_.world_size)))
     stream = D.PackedStream(prep.train, micro, accum, dist_.world_size, seed=cfg.seed)
@@ -642,6 +641,8 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
         dist_mod.teardown(dist_)
         return summary
 
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, device="cpu", dtype=torch.float32) if finetune else Transformer(args)
     model.gradient_checkpointing = cfg.activation_checkpointing
     if not cfg.cpu_offload:
         model.to(dev)

@@ -192,3 +192,18 @@ def test_default_run_settings_are_stated():
     assert cfg.model == "tiny" and not cfg.data and cfg.lr == T.DEMO["lr"] and cfg.max_steps == T.DEMO["max_steps"]
     assert T.parse_procedural(cfg.procedural).min_steps >= 2
     assert np.isclose(T.resolve_config(T.TrainConfig(model=str(Path(__file__).parent)), False, 1).lr, 2e-5)
+
+
+def test_dry_run_of_7b_allocates_no_weights(tmp_path):
+    """--dry-run reports a 7B model's size and memory from its shape alone (it once built it: 27 GB)."""
+    import resource
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fastmath.cli", "train", "--model", "llama2-7b", "--dry-run",
+                          "--no-progress", "--out", str(tmp_path), "--procedural-examples", "300",
+                          "--cache-dir", ""], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "32 layers, dim 4096" in text and "estimated memory per process" in text
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 6 * 2**20  # KiB: under 6 GiB (the weights alone are 27 GB)
