@@ -43,6 +43,16 @@ def kernel_status() -> str:
     return "off on CPU (PyTorch references; TRITON_INTERPRET=1 FASTMATH_KERNELS=1 runs the interpreter)"
 
 
+# Streaming multiprocessors assumed when planning launches for meta tensors (an H100 SXM): the
+# ahead-of-time compile test plans on the meta device exactly as it would on a GPU.
+META_SM_COUNT = 132
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Plan launches for a GPU: CUDA tensors, and meta tensors (used to compile kernels ahead of time)."""
+    return t.is_cuda or t.is_meta
+
+
 def num_warps_for(block: int) -> int:
     """Warps for a program that walks a row of `block` elements (more warps for wider rows)."""
     if block >= 32768:
@@ -58,17 +68,17 @@ def num_workers(t: torch.Tensor) -> int:
     """Programs that walk rows in a persistent loop: one per SM on a GPU, a few under the interpreter."""
     if t.is_cuda:
         return torch.cuda.get_device_properties(t.device).multi_processor_count
-    return 4
+    return META_SM_COUNT if t.is_meta else 4
 
 
 def rows_per_program(n_rows: int, row_elements: int, t: torch.Tensor) -> int:
     """Rows one program handles as a 2-D block (a power of two).
 
-    On a GPU: one row when rows are wide, several when they are narrow (keeps each program ~2K elements).
+    On a GPU (or the meta device): one row when rows are wide, several when they are narrow (keeps each program ~2K elements).
     Under the interpreter every program costs milliseconds of Python whatever its size, so: as many rows
     as fit in 64K elements.
     """
     row_block = triton.next_power_of_2(max(row_elements, 1))
-    if t.is_cuda:
+    if on_gpu(t):
         return max(1, min(16, 2048 // row_block))
     return max(1, min(triton.next_power_of_2(n_rows), 65536 // row_block))

@@ -1,4 +1,5 @@
 """Cross-entropy of hidden @ weight.T without materialising the full logits."""
+import contextlib
 import os
 
 import torch
@@ -30,10 +31,17 @@ def chunk_tokens(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     return max(per_chunk, MIN_CHUNK_TOKENS)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu")  # meta tensors (ahead-of-time planning, kernels/_aot.py) have no autocast
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type, enabled=False) if device_type in _AUTOCAST_DEVICES else contextlib.nullcontext()
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would compute in: the autocast dtype when autocast is on, else the common dtype."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "
@@ -67,7 +75,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n_tokens, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
         dtype = _compute_dtype(hidden, weight)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _autocast_off(hidden.device.type):
             h, w = hidden.to(dtype), weight.to(dtype)  # no copies when the dtypes already match
             n_valid = (labels != ignore_index).sum()
             grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden_needed else None

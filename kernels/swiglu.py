@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import on_gpu, use_triton
 
 BLOCK = 1024  # elements per program; the op is elementwise, so rows do not matter
 BLOCK_INTERPRETED = 16384  # the interpreter pays per program, not per element
@@ -60,27 +60,36 @@ def _swiglu_bwd_kernel(
 
 
 def _block(t: torch.Tensor) -> int:
-    return BLOCK if t.is_cuda else BLOCK_INTERPRETED
+    return BLOCK if on_gpu(t) else BLOCK_INTERPRETED
+
+
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up contiguous, one shape -> silu(gate) * up in gate.dtype."""
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    n, block = gate.numel(), _block(gate)
+    _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    return out
+
+
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """dy, gate, up contiguous, one shape -> (dgate, dup) in the dtypes of gate and up."""
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    n, block = gate.numel(), _block(gate)
+    _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, gate, up, dgate, dup, n, BLOCK=block, num_warps=4)
+    return dgate, dup
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        n, block = gate.numel(), _block(gate)
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
         ctx.save_for_backward(gate, up)
-        return out
+        return _swiglu_fwd(gate, up)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-        n, block = gate.numel(), _block(gate)
-        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, gate, up, dgate, dup, n, BLOCK=block, num_warps=4)
-        return dgate, dup
+        return _swiglu_bwd(dy.contiguous(), gate, up)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

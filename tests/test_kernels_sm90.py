@@ -1,0 +1,82 @@
+"""Every Triton kernel compiles for an H100 (sm_90) at the launch configurations of LLaMA-2 shapes, without
+a GPU: Triton's NVIDIA backend and the ptxas it ships run on the CPU (kernels/_aot.py). This is the part
+of the CUDA path the interpreter cannot check (the kernel group runs interpreted): that the compiler
+accepts each kernel, that every block fits, and that nothing spills registers.
+
+Runs in the core group because it needs real `@triton.jit` kernels (TRITON_INTERPRET unset).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("ahead-of-time compilation needs TRITON_INTERPRET unset", allow_module_level=True)
+pytest.importorskip("triton.backends.nvidia.compiler", reason="triton's NVIDIA backend is not installed")
+
+from fastmath.kernels import _aot  # noqa: E402
+from fastmath.kernels._dispatch import META_SM_COUNT, num_workers, rows_per_program  # noqa: E402
+
+H100_SMEM_PER_BLOCK = 227 * 1024  # bytes of shared memory one block may use on sm_90
+REGISTERS_PER_SM = 65536
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    try:
+        _aot.ptxas_path(90)
+    except Exception as e:  # pragma: no cover - a wheel without ptxas
+        pytest.skip(f"no ptxas: {e}")
+    return _aot.compile_all(arch=90)
+
+
+def test_every_kernel_is_compiled(compiled):
+    kernels = {attr for _, attr, _ in _aot._jit_kernels()}
+    assert kernels == {r.launch.name for r in compiled}, "a kernel has no case in kernels/_aot.py"
+    # both gradient variants of the loss and both directions of the rotation were planned
+    ce = {(r.constexprs["HAS_GRAD"], r.constexprs["IS_MEAN"]) for r in compiled if r.launch.name == "_cross_entropy_fwd_kernel"}
+    assert ce == {(True, True), (True, False), (False, True)}
+    assert {r.constexprs["IS_BACKWARD"] for r in compiled if r.launch.name == "_rotary_kernel"} == {False, True}
+
+
+def test_no_spills_and_blocks_fit(compiled):
+    bad = []
+    for r in compiled:
+        threads = 32 * r.options.get("num_warps", 4)
+        if r.spill_bytes:
+            bad.append(f"{r.line()}: spills {r.spill_bytes} bytes")
+        if r.shared_bytes > H100_SMEM_PER_BLOCK:
+            bad.append(f"{r.line()}: needs {r.shared_bytes} bytes of shared memory")
+        if r.registers * threads > REGISTERS_PER_SM:
+            bad.append(f"{r.line()}: {r.registers} registers x {threads} threads do not fit one SM")
+        assert r.cubin_bytes > 0
+    assert not bad, "\n".join(bad)
+
+
+def test_launch_plans_at_llama_shapes():
+    """The meta-device plans are the GPU plans: one wide row per program, narrow rows grouped."""
+    meta = torch.empty(1, device="meta")
+    assert num_workers(meta) == META_SM_COUNT
+    assert rows_per_program(16384, 4096, meta) == 1
+    assert rows_per_program(16384, 123, meta) == 16
+    cases = dict(_aot.llama_cases())
+    rms = _aot.capture_all([("rms", cases["rms_norm N=16384 H=8192 x=torch.bfloat16 w=torch.float32"])])
+    fwd, bwd = rms
+    assert fwd.kwargs["BLOCK_ROWS"] == 1 and fwd.kwargs["BLOCK"] == 8192 and fwd.kwargs["num_warps"] == 16
+    # backward: one persistent program per SM, each summing its own dW partial
+    assert bwd.kwargs["BLOCK"] == 8192 and bwd.args[5].shape == (META_SM_COUNT, 8192)
+    # the 70B layout: 64 query heads and 8 key/value heads rotated in one launch per token
+    rot = _aot.capture_all([("rot", cases["rotary T=16384 heads=64/8 torch.bfloat16"])])[0]
+    assert (rot.kwargs["BLOCK_T"], rot.kwargs["BLOCK_QH"], rot.kwargs["BLOCK_KH"], rot.kwargs["BLOCK_D"]) == (1, 64, 8, 64)
+
+
+def test_fused_loss_chunks_reach_the_kernel():
+    """The fused linear loss launches the cross-entropy kernel once per chunk of tokens, never on all
+    16384 rows at once (at most one chunk of logits exists)."""
+    flce = importlib.import_module("fastmath.kernels.fused_linear_cross_entropy")
+    cases = [c for c in _aot.llama_cases() if c[0] == "fused_linear_cross_entropy N=16384 H=4096 torch.bfloat16"]
+    launches = _aot.capture_all(cases)
+    chunk = flce.chunk_tokens(16384, 4096, 32000)
+    assert len(launches) == 16384 // chunk > 1
+    assert all(launch.args[0].shape == (chunk, 32000) for launch in launches)
