@@ -8,22 +8,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import kernels_common as common  # noqa: E402
 from kernels_common import (Benchmark, Case, bandwidth_targets, compiled, liger_function, liger_targets,  # noqa: E402
-                            parse_args, require_gpu, run)
+                            parse_args, run, setup)
 
 HEAD_DIM = 128
 # (tokens, q heads, kv heads): 7B and 13B are multi-head, 70B uses 8 KV heads
-DEVICE = "cuda"
 SHAPES = [(16384, 32, 32), (4096, 32, 32), (1024, 32, 32), (16384, 40, 40), (16384, 64, 8)]
+SMOKE_SHAPES = [(32, 4, 4), (9, 8, 2)]  # --smoke: CPU, Triton interpreter
 
 
 def make_case(t, hq, hk):
     def make():
         from fastmath.kernels import rotary_cos_sin
 
-        q = torch.randn(t, hq, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(t, hk, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-        positions = torch.arange(t, device=DEVICE) % 4096  # packed 4096-token documents
+        q = torch.randn(t, hq, HEAD_DIM, device=common.DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(t, hk, HEAD_DIM, device=common.DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(t, device=common.DEVICE) % 4096  # packed 4096-token documents
         cos, sin = rotary_cos_sin(positions, HEAD_DIM)  # for Liger only: (T, D) fp32
         inputs = {"q": q, "k": k, "positions": positions, "cos": cos[None].bfloat16(), "sin": sin[None].bfloat16()}
         return inputs, (torch.randn_like(q), torch.randn_like(k))
@@ -35,7 +36,8 @@ def make_case(t, hq, hk):
 
 def main():
     args = parse_args(__doc__, default_budget_s=30)
-    require_gpu("bench_rotary")
+    setup(args, "bench_rotary")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     from fastmath.kernels import apply_rotary, apply_rotary_ref
 
     providers = {
@@ -53,7 +55,7 @@ def main():
     providers["torch.compile"] = compiled(lambda q, k, positions, cos, sin: apply_rotary_ref(q, k, positions))
     bench = Benchmark(
         "rotary", "Rotary embedding of q and k, forward/backward, bf16", providers,
-        [make_case(*s) for s in SHAPES],
+        [make_case(*s) for s in shapes],
         targets=lambda rows: bandwidth_targets(rows, "T=16384 heads=32/32") + liger_targets(rows),
         notes=["GB/s counts reading and writing q and k once per pass.",
                "fastmath and eager derive cos/sin from the positions inside the call; Liger gets them precomputed "

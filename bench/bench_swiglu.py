@@ -9,17 +9,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import kernels_common as common  # noqa: E402
 from kernels_common import (Benchmark, Case, compiled, liger_function, liger_targets, parse_args,  # noqa: E402
-                            require_gpu, run)
+                            run, setup)
 
-DEVICE = "cuda"
 SHAPES = [(16384, 11008), (4096, 11008), (16384, 13824), (8192, 28672)]  # (tokens, intermediate size)
+SMOKE_SHAPES = [(64, 688), (3, 7)]  # --smoke: CPU, Triton interpreter
 
 
 def make_case(n, i):
     def make():
-        gate = torch.randn(n, i, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-        up = torch.randn(n, i, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        gate = torch.randn(n, i, device=common.DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        up = torch.randn(n, i, device=common.DEVICE, dtype=torch.bfloat16, requires_grad=True)
         return {"gate": gate, "up": up}, torch.randn_like(gate)
 
     e = 2
@@ -33,7 +34,8 @@ def eager(gate, up):
 
 def main():
     args = parse_args(__doc__, default_budget_s=25)
-    require_gpu("bench_swiglu")
+    setup(args, "bench_swiglu")
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     from fastmath.kernels import swiglu
 
     providers = {"eager": eager, "fastmath": swiglu}
@@ -42,7 +44,7 @@ def main():
         providers["liger"] = liger
     providers["torch.compile"] = compiled(eager)
     bench = Benchmark(
-        "swiglu", "SwiGLU forward/backward, bf16", providers, [make_case(n, i) for n, i in SHAPES],
+        "swiglu", "SwiGLU forward/backward, bf16", providers, [make_case(n, i) for n, i in shapes],
         targets=liger_targets,
         notes=["GB/s counts the minimal traffic: forward reads gate, up and writes out; backward reads dy, gate, up "
                "and writes dgate, dup."],

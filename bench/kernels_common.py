@@ -28,40 +28,76 @@ from typing import Callable
 import torch
 
 
+DEVICE = "cuda"  # set by setup(): "cpu" for a smoke run
+
+
 def require_gpu(name: str) -> None:
     """Exit with one clear sentence on a machine without CUDA."""
     if not torch.cuda.is_available():
         raise SystemExit(f"{name}: this benchmark needs a CUDA GPU and none is available here "
-                         "(run bench/gpu_suite.sh on a GPU machine).")
+                         "(run bench/gpu_suite.sh on a GPU machine, or --smoke to check the script on the CPU).")
+
+
+def setup(args: argparse.Namespace, name: str) -> str:
+    """The device to benchmark on: CUDA, or for --smoke the CPU under the Triton interpreter."""
+    global DEVICE
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FASTMATH_KERNELS") != "1":
+            raise SystemExit(f"{name} --smoke runs the kernels in the Triton interpreter: start it with "
+                             "TRITON_INTERPRET=1 FASTMATH_KERNELS=1")
+        os.environ.setdefault("FASTMATH_BENCH_OUT", "bench/results/smoke")
+        DEVICE = "cpu"
+    else:
+        require_gpu(name)
+        DEVICE = "cuda"
+    return DEVICE
+
+
+def _on_cuda() -> bool:
+    return DEVICE == "cuda"
 
 
 def has_liger() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def parse_args(description: str, default_budget_s: float) -> argparse.Namespace:
+def parse_args(description: str, default_budget_s: float, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--budget-s", type=float, default=default_budget_s,
                         help="stop starting new cases after this many seconds (results so far are kept)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--quick", action="store_true", help="only the first case (a smoke run)")
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="only the first case")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script on the CPU: Triton interpreter, tiny shapes, times meaningless "
+                             "(needs TRITON_INTERPRET=1 FASTMATH_KERNELS=1; writes under bench/results/smoke)")
+    return parser.parse_args(argv)
 
 
 def bench_ms(fn: Callable[[], object], grad_to_none=None) -> float:
-    """Median milliseconds of fn() after warm-up (triton.testing.do_bench)."""
+    """Median milliseconds of fn() after warm-up (triton.testing.do_bench; a smoke run: 3 timed calls)."""
     import triton.testing
 
+    if not _on_cuda():
+        times = []
+        for _ in range(3):
+            for t in grad_to_none or []:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def copy_bandwidth_gbps(n_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes per second) of a 1 GiB buffer, in GB/s."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    n_bytes = n_bytes if _on_cuda() else 1 << 26
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     del src, dst
-    torch.cuda.empty_cache()
+    if _on_cuda():
+        torch.cuda.empty_cache()
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
@@ -75,7 +111,7 @@ def environment() -> dict:
     except (OSError, IndexError, subprocess.SubprocessError):
         driver = "unknown"
     env = {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "gpu": torch.cuda.get_device_name() if _on_cuda() else "none: smoke run on the CPU, Triton interpreter",
         "driver": driver,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
@@ -116,6 +152,15 @@ class Benchmark:
     notes: list = field(default_factory=list)
 
 
+def make_inputs(case: Case) -> tuple:
+    """case.make() from a fixed seed: every provider, and the eager output it is compared with, gets the
+    same inputs."""
+    torch.manual_seed(0)
+    if _on_cuda():
+        torch.cuda.manual_seed(0)
+    return case.make()
+
+
 def _backward(out, grads):
     outs = out if isinstance(out, tuple) else (out,)
     grads = grads if isinstance(grads, tuple) else (grads,)
@@ -127,7 +172,7 @@ def _first(out):
 
 
 def measure(case: Case, fn, copy_gbps: float, eager_out=None) -> dict:
-    inputs, grads = case.make()
+    inputs, grads = make_inputs(case)
     leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
     fwd = lambda: fn(**inputs)  # noqa: E731
     full = lambda: _backward(fn(**inputs), grads)  # noqa: E731
@@ -135,6 +180,7 @@ def measure(case: Case, fn, copy_gbps: float, eager_out=None) -> dict:
     out = fwd()
     if eager_out is not None:
         row["max_abs_diff_vs_eager"] = (_first(out).float() - eager_out.float()).abs().max().item()
+        row["max_rel_diff_vs_eager"] = row["max_abs_diff_vs_eager"] / max(eager_out.float().abs().max().item(), 1e-30)
     del out
     row["fwd_ms"] = bench_ms(fwd, leaves)
     row["fwd_bwd_ms"] = bench_ms(full, leaves)
@@ -148,15 +194,18 @@ def measure(case: Case, fn, copy_gbps: float, eager_out=None) -> dict:
         row["fwd_bwd_TFLOPs"] = (case.flops_fwd + case.flops_bwd) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     for t in leaves:
         t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    full()
-    torch.cuda.synchronize()
-    row["peak_mem_above_inputs_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del inputs, grads, leaves
-    torch.cuda.empty_cache()
+    if _on_cuda():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        full()
+        torch.cuda.synchronize()
+        row["peak_mem_above_inputs_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del inputs, grads, leaves
+        torch.cuda.empty_cache()
+    else:  # no allocator statistics on the CPU
+        row["peak_mem_above_inputs_MB"] = None
     return row
 
 
@@ -169,7 +218,8 @@ def run(bench: Benchmark, args: argparse.Namespace) -> list:
         raise SystemExit(f"{bench.name}: the fastmath Triton path is off (no triton, or FASTMATH_KERNELS=0).")
     start = time.time()
     meta = {"benchmark": bench.title, **environment(), "copy_bandwidth_GBps": copy_bandwidth_gbps(),
-            "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms); bwd = fwd_bwd - fwd",
+            "timing": ("triton.testing.do_bench median (warmup 25 ms, rep 100 ms)" if _on_cuda() else
+                       "median of 3 calls (smoke run: meaningless)") + "; bwd = fwd_bwd - fwd",
             "notes": bench.notes, "skipped_cases": []}
     print(f"{bench.title}: {meta['gpu']}, copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
     providers = {k: v for k, v in bench.providers.items() if not (args.no_compile and k == "torch.compile")}
@@ -184,7 +234,7 @@ def run(bench: Benchmark, args: argparse.Namespace) -> list:
         for name, fn in providers.items():
             try:
                 if name == "eager":
-                    inputs, _ = case.make()
+                    inputs, _ = make_inputs(case)
                     with torch.no_grad():
                         eager_out = _first(fn(**inputs)).detach()
                     del inputs
@@ -192,7 +242,8 @@ def run(bench: Benchmark, args: argparse.Namespace) -> list:
                                                    None if name == "eager" else eager_out)}
             except Exception as e:  # one provider failing (OOM, an API change in Liger) must not stop the run
                 row = {"provider": name, "case": case.label, **case.shape, "error": f"{type(e).__name__}: {e}"[:300]}
-                torch.cuda.empty_cache()
+                if _on_cuda():
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(_format_row(row), flush=True)
             write_results(bench, meta, rows)
@@ -207,7 +258,11 @@ def _format_row(row: dict) -> str:
     bw = f"{row['fwd_bwd_GBps']:7.0f} GB/s ({100 * row['fwd_bwd_frac_copy_bw']:3.0f}%)" if "fwd_bwd_GBps" in row else \
         f"{row.get('fwd_bwd_TFLOPs', 0):7.1f} TFLOP/s"
     return (f"  {row['case']:<28} {row['provider']:<14} fwd {row['fwd_ms']:8.3f} ms  bwd {row['bwd_ms']:8.3f} ms  "
-            f"fwd+bwd {row['fwd_bwd_ms']:8.3f} ms  {bw}  peak {row['peak_mem_above_inputs_MB']:8.0f} MB")
+            f"fwd+bwd {row['fwd_bwd_ms']:8.3f} ms  {bw}  peak {_mb(row['peak_mem_above_inputs_MB']):>8} MB")
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def markdown(bench: Benchmark, meta: dict, rows: list) -> str:
@@ -229,7 +284,7 @@ def markdown(bench: Benchmark, meta: dict, rows: list) -> str:
                 else f"{r.get('fwd_bwd_TFLOPs', 0):.1f} TFLOP/s")
         diff = f"{r['max_abs_diff_vs_eager']:.2e}" if "max_abs_diff_vs_eager" in r else "-"
         lines.append(f"| {r['case']} | {r['provider']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
-                     f"| {rate} | {r['peak_mem_above_inputs_MB']:.0f} | {diff} |")
+                     f"| {rate} | {_mb(r['peak_mem_above_inputs_MB'])} | {diff} |")
     if bench.targets:
         lines += ["", "## Targets", ""] + [f"- {t}" for t in bench.targets(rows)]
     return "\n".join(lines) + "\n"
