@@ -59,7 +59,8 @@ def main():
         targets=lambda rows: bandwidth_targets(rows, "T=16384 heads=32/32") + liger_targets(rows),
         notes=["GB/s counts reading and writing q and k once per pass.",
                "fastmath and eager derive cos/sin from the positions inside the call; Liger gets them precomputed "
-               "(bf16, shared by all layers in a model), so its time excludes that step."],
+               "(bf16, shared by all layers in a model), so its time excludes that step.",
+               "Liger rotates q and k in place (it returns views of its inputs); fastmath and eager write new tensors."],
     )
     run(bench, args)
 

@@ -41,7 +41,7 @@ def main():
     providers = {"eager": eager, "fastmath": swiglu}
     liger = liger_function("liger_swiglu")
     if liger is not None:
-        providers["liger"] = liger
+        providers["liger"] = lambda gate, up: liger(gate, up)  # positional: Liger names them (a, b)
     providers["torch.compile"] = compiled(eager)
     bench = Benchmark(
         "swiglu", "SwiGLU forward/backward, bf16", providers, [make_case(n, i) for n, i in shapes],
