@@ -29,8 +29,11 @@ test: $(STAMP)
 test-core: $(STAMP)
 	$(PYTEST) tests --ignore=tests/kernels
 
+# Twice: as interpreted (truncating bf16 casts, one bf16 ulp allowed), then with bf16 casts rounded to
+# nearest even and the GPU's pass rule (FASTMATH_TEST_RTNE=1; the benchmark smoke runs need no second pass).
 test-kernels: $(STAMP)
 	TRITON_INTERPRET=1 FASTMATH_KERNELS=1 $(PYTEST) tests/kernels
+	FASTMATH_TEST_RTNE=1 TRITON_INTERPRET=1 FASTMATH_KERNELS=1 $(PYTEST) tests/kernels --ignore=tests/kernels/test_bench_smoke.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,9 +8,13 @@ passing test proves the Triton path ran. Pass rule (flash-attn's): the kernel's 
 reference is at most 2x PyTorch's own error in the same dtype, plus atol: 1e-5 (+ one fp32 ulp of
 max|reference|), and in bf16 under the interpreter (which truncates instead of rounding) one bf16 ulp of
 max|reference|. On a GPU the bf16 ulp allowance is dropped.
+
+FASTMATH_TEST_RTNE=1 makes the interpreter round fp32 -> bf16 to nearest even, as a GPU does, and drops
+the bf16 ulp allowance: the GPU's pass rule, checked on the CPU (`make test-kernels` runs both modes).
 """
 import importlib
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +23,29 @@ import torch
 from fastmath.kernels import use_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu"
+RTNE = DEVICE == "cpu" and os.environ.get("FASTMATH_TEST_RTNE") == "1"
+INTERPRETED = DEVICE == "cpu" and not RTNE  # the bf16 allowance: truncating interpreter casts
+
+
+def _round_bf16_to_nearest_even():
+    """Patch the Triton interpreter's fp32 -> bf16 cast (truncation) to round to nearest even (torch's cast)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return truncating(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if RTNE:
+    _round_bf16_to_nearest_even()
 
 # (module, name of the reference the public function falls back to)
 _REFERENCES = [
