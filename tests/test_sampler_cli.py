@@ -137,3 +137,15 @@ def test_torchrun_two_ranks_equal_one_process(runs, tmp_path):
     assert [r["completions"] for r in a] == [r["completions"] for r in b]
     assert [r["greedy_completion"] for r in a] == [r["greedy_completion"] for r in b]
     assert json.loads((two / "summary.json").read_text())["problems"] == 4
+
+
+def test_threads_option_sets_torch_threads(runs, tmp_path):
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    try:
+        res = invoke(["--out", str(tmp_path / "t"), "--threads", str(target), *ARGS], runs)
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == target
+    finally:
+        torch.set_num_threads(before)
+    assert invoke(["--threads", "-1", *ARGS], runs).exit_code != 0  # a clear usage error
