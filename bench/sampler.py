@@ -12,6 +12,10 @@ device copy), and the largest number of concurrent sequences the card holds.
 
 Results go to $FASTMATH_BENCH_OUT (default bench/results) as sampler_<cpu|gpu>.json, naming hardware,
 versions, shapes and date.
+
+--gpu --smoke runs the same GPU code on the CPU with the `test` preset, a few samples and tokens, a small copy
+buffer and a small KV budget (numbers meaningless), writing sampler_gpu_smoke.json: a broken GPU path is found
+on the CPU, not on a scarce GPU.
 """
 from __future__ import annotations
 
@@ -144,23 +148,39 @@ def run_cpu(a, save) -> dict:
     return results
 
 
+# --gpu --smoke: the GPU code on the CPU, tiny everything (a check of the script, not a measurement)
+SMOKE = dict(preset="test", n=4, new_tokens=6, copy_bytes=2**20, kv_cache_gb=0.004)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_gpu(a) -> dict:
-    dev = torch.device("cuda")
+    smoke = a.smoke
+    dev = torch.device("cpu" if smoke else "cuda")
+    preset = SMOKE["preset"] if smoke else "llama2-7b"
+    kv_cache_gb = SMOKE["kv_cache_gb"] if smoke else None  # None: the budget comes from free CUDA memory
     results = {"env": env_info(), "models": {}}
-    x = torch.empty(2**30, dtype=torch.uint8, device=dev)  # measured copy bandwidth: the practical roofline
+    if smoke:
+        results["smoke"] = True
+        a.n, a.gpu_new_tokens = SMOKE["n"], SMOKE["new_tokens"]
+    x = torch.empty(SMOKE["copy_bytes"] if smoke else 2**30, dtype=torch.uint8, device=dev)  # measured copy bandwidth: the practical roofline
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    _sync(dev)
     t0 = time.perf_counter()
     for _ in range(10):
         y.copy_(x)
-    torch.cuda.synchronize()
+    _sync(dev)
     copy_bw = 2 * 10 * x.numel() / (time.perf_counter() - t0)
     del x, y
-    torch.cuda.empty_cache()  # the KV budget comes from free memory
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the KV budget comes from free memory
     results["copy_bandwidth_GBps"] = copy_bw / 1e9
-    args = get_preset("llama2-7b")
+    args = get_preset(preset)
     torch.set_default_dtype(torch.bfloat16)
     with dev:
         model = Transformer(args)
@@ -180,15 +200,15 @@ def run_gpu(a) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, args.vocab_size, (n,), generator=g).tolist() for n in (180, 120)]
     params = SamplingParams(n=a.n, temperature=0.7, max_new_tokens=a.gpu_new_tokens, stop_at_answer=False)
-    sampler = Sampler(model, tok)
+    sampler = Sampler(model, tok, kv_cache_gb=kv_cache_gb)
     plan512 = sampler.prepare(prompts, SamplingParams(n=4096, max_new_tokens=512))
     results["max_concurrent_sequences_512_new_tokens"] = plan512.n_slots
-    sampler = Sampler(model, tok, max_slots=a.n)
+    sampler = Sampler(model, tok, max_slots=a.n, kv_cache_gb=kv_cache_gb)
     list(sampler.run([prompts[0][:20]], SamplingParams(n=8, max_new_tokens=8)))  # warm-up
-    torch.cuda.synchronize()
+    _sync(dev)
     t0 = time.perf_counter()
     res = list(sampler.run(prompts, params))
-    torch.cuda.synchronize()
+    _sync(dev)
     dt = time.perf_counter() - t0
     n_tok = sum(len(c.tokens) for r in res for c in r.samples)
     st = sampler.stats
@@ -199,7 +219,7 @@ def run_gpu(a) -> dict:
     mean_suffix = a.gpu_new_tokens / 2
     step_bytes = wbytes + bpt * (sum(len(p) for p in prompts) / len(prompts) + mean_batch * mean_suffix)
     step_time = dt / st["decode_steps"]
-    results["models"]["llama2-7b-random-bf16"] = {
+    results["models"][f"{preset}-random-bf16"] = {
         "params": num_params(model), "n": a.n, "max_new_tokens": a.gpu_new_tokens, "prompt_tokens": [len(p) for p in prompts],
         "tokens": n_tok, "seconds": dt, "tokens_per_s": n_tok / dt, "samples_per_s": len(res) * a.n / dt,
         "slots": sampler.plan.n_slots, "mean_batch": mean_batch, "decode_step_ms": 1e3 * step_time,
@@ -226,12 +246,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for both engines (0 = torch's default; 1 is faster on a loaded machine)")
     p.add_argument("--gpu-new-tokens", type=int, default=256, help="GPU: tokens per sample (default 256)")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --gpu: run the GPU code on the CPU to check the script (the `test` preset, "
+                        f"n={SMOKE['n']}, {SMOKE['new_tokens']} new tokens, a {SMOKE['copy_bytes'] >> 20} MiB copy "
+                        f"buffer, a {SMOKE['kv_cache_gb'] * 1024:.0f} MiB KV budget; numbers meaningless); "
+                        "writes sampler_gpu_smoke.json, never sampler_gpu.json")
     a = p.parse_args(argv)
+    if a.smoke and not a.gpu:
+        p.error("--smoke checks the GPU part on the CPU: use it with --gpu")
     out = Path(os.environ.get("FASTMATH_BENCH_OUT", Path(__file__).resolve().parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     if a.threads:
         torch.set_num_threads(a.threads)
-    path = out / f"sampler_{'gpu' if a.gpu else 'cpu'}.json"
+    path = out / f"sampler_{'gpu' if a.gpu else 'cpu'}{'_smoke' if a.smoke else ''}.json"
 
     def save(res):
         path.write_text(json.dumps(res, indent=2))

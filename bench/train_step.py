@@ -10,7 +10,9 @@ micro-batches of `--budget` tokens; HF takes `budget / mean length` documents pe
 
     python bench/train_step.py                      # CPU part (the issue's target: >= 1.5x HF)
     python bench/train_step.py --device cuda --mfu  # GPU: the same comparison plus the MFU table
-Writes $FASTMATH_BENCH_OUT/train_step_<device>.{json,md} (default bench/results).
+    python bench/train_step.py --mfu --smoke        # the GPU code (MFU table included) on the CPU, tiny
+Writes $FASTMATH_BENCH_OUT/train_step_<device>.{json,md} (default bench/results); --smoke writes
+train_step_smoke.{json,md} instead (never a real result file).
 """
 from __future__ import annotations
 
@@ -35,11 +37,16 @@ from fastmath.model import Transformer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
+# --smoke: the whole script (comparison and MFU table) on the CPU with tiny shapes; numbers meaningless.
+# The vocabulary stays 32000: the synthetic documents draw token ids up to it.
+SMOKE = dict(dim=64, layers=2, heads=4, budget=1024, steps=2, docs=200, mfu_dim=64, mfu_layers=2, mfu_heads=4,
+             mfu_budget=1024, mfu_steps=2, matmul_n=256)
 
-def gsm8k_docs(n: int, seed: int) -> tuple[D.TokenizedDocs, str]:
+
+def gsm8k_docs(n: int, seed: int, synthetic: bool = False) -> tuple[D.TokenizedDocs, str]:
     """Tokenized GSM8K train documents (the real length spread), or synthetic ones with its statistics."""
     rng = np.random.default_rng(seed)
-    if (SHARED / "gsm8k_train.jsonl").is_file() and (SHARED / "llama2_tokenizer.model").is_file():
+    if not synthetic and (SHARED / "gsm8k_train.jsonl").is_file() and (SHARED / "llama2_tokenizer.model").is_file():
         from fastmath.tokenizer import Tokenizer
 
         tok = Tokenizer(SHARED / "llama2_tokenizer.model")
@@ -159,31 +166,44 @@ def compare(args: ModelArgs, docs, budget: int, n_steps: int, device, bf16: bool
     return out
 
 
-def measured_matmul_peak(device) -> float:
-    n = 8192
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measured_matmul_peak(device, n: int = 8192) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(10):
         a @ b
-    torch.cuda.synchronize()
+    _sync(device)
     return 2 * n**3 * 10 / (time.perf_counter() - t0)
 
 
-def mfu_table(docs, budget: int, n_steps: int, device, deadline: float) -> list[dict]:
-    """MFU of a ~1B LLaMA (dim 2048, 16 layers, 16 heads, vocab 32000) per kernels on/off x attention backend."""
+def mfu_table(docs, budget: int, n_steps: int, device, deadline: float, smoke: bool = False) -> list[dict]:
+    """MFU of a ~1B LLaMA (dim 2048, 16 layers, 16 heads, vocab 32000) per kernels on/off x attention backend.
+
+    smoke: a tiny model (SMOKE) on whatever device is given (the CPU: fp32, no fused AdamW, no peak memory).
+    """
     from fastmath.attention import available_backends
     from fastmath.train import flops_per_token
 
-    args = ModelArgs(dim=2048, n_layers=16, n_heads=16, vocab_size=32000, max_seq_len=4096)
-    peak_measured = measured_matmul_peak(device)
+    cuda = device.type == "cuda"
+    if smoke:
+        args = ModelArgs(dim=SMOKE["mfu_dim"], n_layers=SMOKE["mfu_layers"], n_heads=SMOKE["mfu_heads"],
+                         vocab_size=32000, max_seq_len=4096)
+        peak_measured = measured_matmul_peak(device, SMOKE["matmul_n"])
+    else:
+        args = ModelArgs(dim=2048, n_layers=16, n_heads=16, vocab_size=32000, max_seq_len=4096)
+        peak_measured = measured_matmul_peak(device)
     rows = []
     torch.manual_seed(0)
     model = Transformer(args).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if cuda else {}))
     stream = D.PackedStream(docs, budget, seed=0)
     packs = stream.epoch_packs(0)
     for backend in available_backends(device):
@@ -192,8 +212,10 @@ def mfu_table(docs, budget: int, n_steps: int, device, deadline: float) -> list[
                 rows.append({"backend": backend, "kernels": kernels == "1", "skipped": "time budget reached"})
                 continue
             os.environ["FASTMATH_ATTENTION"], os.environ["FASTMATH_KERNELS"] = backend, kernels
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)  # this row's peak, not the whole run's
             batches = (D.make_batch(docs, stream.labels, p) for p in packs)
-            r = time_steps(fastmath_step_fn(model, opt, device, True), batches, n_steps, 3, device)
+            r = time_steps(fastmath_step_fn(model, opt, device, cuda), batches, n_steps, 3, device)
             b0 = D.make_batch(docs, stream.labels, packs[0])
             lens = np.diff(b0.cu_seqlens).astype(np.int64)
             fpt = flops_per_token(args, float((lens**2).sum() / lens.sum()))
@@ -201,7 +223,7 @@ def mfu_table(docs, budget: int, n_steps: int, device, deadline: float) -> list[
             rows.append({"backend": backend, "kernels": kernels == "1", **r, "params": args.num_params(),
                          "mfu_vs_989": flops / 989e12, "mfu_vs_measured": flops / peak_measured,
                          "measured_peak_tflops": peak_measured / 1e12,
-                         "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30})
+                         "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None})
             print(json.dumps(rows[-1]), flush=True)
     os.environ.pop("FASTMATH_ATTENTION", None)
     os.environ.pop("FASTMATH_KERNELS", None)
@@ -221,13 +243,22 @@ def main():
     p.add_argument("--mfu", action="store_true", help="also the ~1B MFU table (CUDA only)")
     p.add_argument("--budget-s", type=float, default=120, help="stop starting new MFU rows after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script on the CPU: forces --device cpu and tiny shapes, budgets and steps "
+                        "(overriding --dim/--layers/--heads/--budget/--steps/--docs), synthetic documents; with "
+                        "--mfu also runs the MFU table on the CPU; numbers meaningless; writes "
+                        "train_step_smoke.{json,md}, never a real result file")
     a = p.parse_args()
     t_start = time.time()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.smoke:
+        a.device = "cpu"
+        a.dim, a.layers, a.heads = SMOKE["dim"], SMOKE["layers"], SMOKE["heads"]
+        a.budget, a.steps, a.docs = SMOKE["budget"], SMOKE["steps"], SMOKE["docs"]
     device = torch.device(a.device)
     bf16 = device.type == "cuda"
-    docs, source = gsm8k_docs(a.docs, seed=0)
+    docs, source = gsm8k_docs(a.docs, seed=0, synthetic=a.smoke)
     args = ModelArgs(dim=a.dim, n_layers=a.layers, n_heads=a.heads, vocab_size=a.vocab, multiple_of=64)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": _device_name(device), "torch": torch.__version__,
               "python": platform.python_version(), "data": source, "doc_tokens_mean": float(docs.lengths.mean()),
@@ -236,6 +267,8 @@ def main():
                         "params": args.num_params()},
               "budget_tokens": a.budget, "dtype": "bf16 autocast" if bf16 else "fp32",
               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if a.smoke:
+        result["smoke"] = True
     try:
         import transformers
 
@@ -244,9 +277,12 @@ def main():
         pass
     result["comparison"] = compare(args, docs, a.budget, a.steps, device, bf16)
     print(json.dumps(result["comparison"], indent=1), flush=True)
-    if a.mfu and device.type == "cuda":
+    write(result, device, smoke=a.smoke)  # kept if the time slice kills the MFU table
+    if a.mfu and a.smoke:
+        result["mfu"] = mfu_table(docs, SMOKE["mfu_budget"], SMOKE["mfu_steps"], device, t_start + a.budget_s, smoke=True)
+    elif a.mfu and device.type == "cuda":
         result["mfu"] = mfu_table(docs, 16384, 8, device, t_start + a.budget_s)
-    write(result, device)
+    write(result, device, smoke=a.smoke)
 
 
 def _device_name(device) -> str:
@@ -255,13 +291,14 @@ def _device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def write(result: dict, device) -> None:
+def write(result: dict, device, smoke: bool = False) -> None:
     out = Path(os.environ.get("FASTMATH_BENCH_OUT", ROOT / "bench" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"train_step_{device.type}"
+    stem = out / ("train_step_smoke" if smoke else f"train_step_{device.type}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     c = result["comparison"]
-    lines = [f"# Training step throughput ({result['device']}, {result['date']})", "",
+    lines = [f"# Training step throughput ({result['device']}, {result['date']})"
+             + (" - SMOKE RUN (tiny shapes on the CPU; numbers meaningless)" if smoke else ""), "",
              f"torch {result['torch']}, transformers {result.get('transformers', '-')}, {result['dtype']}; data: "
              f"{result['data']} (mean {result['doc_tokens_mean']:.0f} tokens, p10-p90 {result['doc_tokens_p10_p90']}); "
              f"model {result['model']}; {result['budget_tokens']} useful tokens per step; load average "
@@ -279,8 +316,9 @@ def write(result: dict, device) -> None:
             if "skipped" in r:
                 lines.append(f"| {r['backend']} | {r['kernels']} | skipped ({r['skipped']}) | | | |")
             else:
+                mem = "-" if r["max_memory_gb"] is None else f"{r['max_memory_gb']:.1f}"
                 lines.append(f"| {r['backend']} | {r['kernels']} | {r['useful_tokens_per_s']:,.0f} | {r['mfu_vs_989']:.1%} "
-                             f"| {r['mfu_vs_measured']:.1%} | {r['max_memory_gb']:.1f} |")
+                             f"| {r['mfu_vs_measured']:.1%} | {mem} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,5 +7,6 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 export FASTMATH_BENCH_OUT=${FASTMATH_BENCH_OUT:-bench/results}
+mkdir -p "$FASTMATH_BENCH_OUT"
 timeout 110 $PY bench/sampler.py --gpu 2>&1 | tee "$FASTMATH_BENCH_OUT/sampler_gpu.txt"
 exit "${PIPESTATUS[0]}"
