@@ -52,6 +52,7 @@ class Compiled:
     spill_bytes: int  # spill stores + spill loads
     shared_bytes: int
     cubin_bytes: int
+    global_ops: dict  # PTX global load/store instructions by form, e.g. {"ld.global.v4.b32": 4}: vectorisation
 
     def line(self) -> str:
         meta = " ".join(f"{k}={v}" for k, v in self.constexprs.items())
@@ -220,9 +221,13 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
     signature, constexprs, attrs, options = specialise(launch)
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    regs, spills, smem = _ptxas_report(kernel.asm["ptx"], arch)
+    ptx = kernel.asm["ptx"]
+    regs, spills, smem = _ptxas_report(ptx, arch)
+    ops = {}
+    for op in re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx):
+        ops[op] = ops.get(op, 0) + 1
     return Compiled(launch, signature, constexprs, options, regs, spills, max(smem, kernel.metadata.shared),
-                    len(kernel.asm["cubin"]))
+                    len(kernel.asm["cubin"]), ops)
 
 
 def compile_all(arch: int = 90, cases=None, log=None) -> list:

@@ -54,6 +54,21 @@ def test_no_spills_and_blocks_fit(compiled):
     assert not bad, "\n".join(bad)
 
 
+def test_streams_use_128_bit_accesses(compiled):
+    """At LLaMA-2 shapes in bf16 the memory-bound streams compile to 128-bit loads and stores (ld/st.global.v4):
+    no element-wise 16-bit stores, and at most one 16-bit load (the cross-entropy's target logit)."""
+    llama = [r for r in compiled if "16384" in r.launch.case or "4096" in r.launch.case.split(" ")[1]]
+    bf16 = [r for r in llama if "torch.bfloat16" in r.launch.case.split(" w=")[0]]
+    assert {r.launch.name for r in bf16} == {attr for _, attr, _ in _aot._jit_kernels()}
+    for r in bf16:
+        ops = r.global_ops
+        assert any(op.startswith("ld.global.v4") for op in ops), (r.line(), ops)
+        assert not any(op.startswith("st.global") and op.endswith((".b16", ".u16")) for op in ops), (r.line(), ops)
+        assert sum(n for op, n in ops.items() if op.startswith("ld.global") and op.endswith((".b16", ".u16"))) <= 1, (r.line(), ops)
+        if r.constexprs.get("HAS_GRAD", True):  # everything but the loss-only cross-entropy writes a tensor
+            assert any(op.startswith("st.global.v4") for op in ops), (r.line(), ops)
+
+
 def test_launch_plans_at_llama_shapes():
     """The meta-device plans are the GPU plans: one wide row per program, narrow rows grouped."""
     meta = torch.empty(1, device="meta")
