@@ -23,6 +23,11 @@ import torch
 import triton
 
 KERNEL_MODULES = ["rms_norm", "rotary", "cross_entropy", "swiglu"]
+# sm_80 and sm_90 per-SM limits (the occupancy estimate in Compiled)
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SMEM_PER_SM = 228 * 1024
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                  torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
                  torch.bool: "i1"}
@@ -36,6 +41,7 @@ class Launch:
     kernel: object  # triton JITFunction
     args: tuple
     kwargs: dict
+    grid: tuple = (1,)  # programs launched
 
     @property
     def name(self) -> str:
@@ -54,10 +60,28 @@ class Compiled:
     cubin_bytes: int
     global_ops: dict  # PTX global load/store instructions by form, e.g. {"ld.global.v4.b32": 4}: vectorisation
 
+    def blocks_per_sm(self) -> int:
+        """Blocks an H100 SM can hold at once, limited by registers (allocated per warp in units of 256),
+        threads and shared memory."""
+        warps = self.options.get("num_warps", 4)
+        regs_per_warp = -(-self.registers * 32 // 256) * 256
+        by_regs = REGISTERS_PER_SM // (regs_per_warp * warps)
+        by_smem = SMEM_PER_SM // self.shared_bytes if self.shared_bytes else MAX_BLOCKS_PER_SM
+        return max(0, min(by_regs, MAX_WARPS_PER_SM // warps, by_smem, MAX_BLOCKS_PER_SM))
+
+    def resident_warps(self, n_sms: int = 132) -> int:
+        """Warps resident per SM for this launch's grid: a persistent grid of one program per SM cannot use
+        more than one block's warps, whatever fits."""
+        programs = 1
+        for g in self.launch.grid:
+            programs *= g
+        return min(self.blocks_per_sm(), -(-programs // n_sms)) * self.options.get("num_warps", 4)
+
     def line(self) -> str:
         meta = " ".join(f"{k}={v}" for k, v in self.constexprs.items())
         return (f"{self.launch.name:<28} {meta:<60} warps={self.options.get('num_warps', 4):<3} "
-                f"regs={self.registers:<4} spill={self.spill_bytes:<5} smem={self.shared_bytes}")
+                f"regs={self.registers:<4} spill={self.spill_bytes:<5} smem={self.shared_bytes:<6} "
+                f"resident warps/SM={self.resident_warps()}/{MAX_WARPS_PER_SM}")
 
 
 def _jit_kernels():
@@ -86,7 +110,7 @@ def capture(launches: list, case: str):
             saved.append((kernel, kernel.__dict__.get("run")))
 
             def run(*args, _kernel=kernel, grid=None, warmup=False, **kwargs):
-                launches.append(Launch(case, _kernel, args, kwargs))
+                launches.append(Launch(case, _kernel, args, kwargs, tuple(grid) if grid is not None else (1,)))
 
             kernel.run = run
         yield

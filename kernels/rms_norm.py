@@ -99,7 +99,11 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
     n_rows, n_cols = x.shape
     block = triton.next_power_of_2(n_cols)
     block_rows = rows_per_program(n_rows, n_cols, x)
-    n_programs = min(num_workers(x), triton.cdiv(n_rows, block_rows))
+    num_warps = num_warps_for(block * block_rows)
+    # A persistent grid of one program per SM leaves an SM with one block's warps: 8 of 64 at H=4096, too few
+    # to keep a memory-bound loop fed. Launch enough programs for ~16 resident warps per SM (two blocks of 8
+    # warps fit at H=4096: ~125 registers each); the extra dW partials cost ~1% more traffic.
+    n_programs = min(num_workers(x) * max(1, 16 // num_warps), triton.cdiv(n_rows, block_rows))
     rows_each = triton.cdiv(triton.cdiv(n_rows, n_programs), block_rows) * block_rows
     n_programs = triton.cdiv(n_rows, rows_each)
     dx = torch.empty_like(x)
@@ -108,7 +112,7 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
         dy, x, weight, rstd, dx, dw_partial,
         dy.stride(0), x.stride(0), dx.stride(0), dw_partial.stride(0),
         n_rows, n_cols, rows_each,
-        BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps_for(block * block_rows),
+        BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 

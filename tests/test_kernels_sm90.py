@@ -69,6 +69,15 @@ def test_streams_use_128_bit_accesses(compiled):
             assert any(op.startswith("st.global.v4") for op in ops), (r.line(), ops)
 
 
+def test_memory_bound_kernels_keep_sms_busy(compiled):
+    """Estimated resident warps per SM (registers, threads, shared memory, and the grid) at LLaMA-2 shapes:
+    at least 16 of 64 for every kernel, the persistent RMSNorm backward included."""
+    llama = [r for r in compiled if "16384" in r.launch.case or "N=4096 V=32000" in r.launch.case]
+    assert llama
+    low = [f"{r.line()} [{r.launch.case}]" for r in llama if r.resident_warps() < 16]
+    assert not low, "\n".join(low)
+
+
 def test_launch_plans_at_llama_shapes():
     """The meta-device plans are the GPU plans: one wide row per program, narrow rows grouped."""
     meta = torch.empty(1, device="meta")
