@@ -860,6 +860,9 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
         metrics.validate(summary, "summary")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        io.plot_pass_at_k(summary, out_dir / "pass_at_k.png", title=f"{ckpt.parent.name}/{ckpt.name}")
+        try:
+            io.plot_pass_at_k(summary, out_dir / "pass_at_k.png", title=f"{ckpt.parent.name}/{ckpt.name}")
+        except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it
+            log(f"pass_at_k.png skipped: {e}")
     dist_mod.teardown(dist)
     return summary

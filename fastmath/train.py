@@ -847,8 +847,11 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     if dist_.is_main:
         from .plotting import plot_loss_curve
 
-        plot_loss_curve(metrics_path, run_dir / "loss.png", title=f"fastmath train: {cfg.model} ({run_dir.name})")
         write_json_atomic(run_dir / "summary.json", summary)
+        try:
+            plot_loss_curve(metrics_path, run_dir / "loss.png", title=f"fastmath train: {cfg.model} ({run_dir.name})")
+        except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it
+            say(f"loss.png skipped: {e}")
         say(format_summary(summary))
     dist_mod.teardown(dist_)
     return summary

@@ -207,3 +207,14 @@ def test_dry_run_of_7b_allocates_no_weights(tmp_path):
     text = out.stdout + out.stderr
     assert "32 layers, dim 4096" in text and "estimated memory per process" in text
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 6 * 2**20  # KiB: under 6 GiB (the weights alone are 27 GB)
+
+
+def test_missing_matplotlib_skips_the_plot_only(tmp_path, tok_path, monkeypatch):
+    """A --no-deps install without matplotlib still finishes the run and writes summary.json."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "runs"
+    res = run_cli(SMALL + ["--max-steps", "2", "--eval-problems", "2", "--out", str(out), "--tokenizer", str(tok_path)])
+    assert "loss.png skipped" in res.output
+    assert (out / "latest" / "summary.json").is_file() and not (out / "latest" / "loss.png").exists()
