@@ -238,9 +238,18 @@ def schema(name):
     return _SCHEMAS[name]
 
 
-def validate(obj, name):
-    """Raise ValueError with the first violation of schema `name` ("samples" or "summary")."""
-    import jsonschema
+def validate(obj, name, optional: bool = False) -> bool:
+    """Raise ValueError with the first violation of schema `name` ("samples" or "summary").
+
+    optional: for records fastmath wrote itself, return False instead of failing when jsonschema is not
+    installed (a --no-deps install); input from elsewhere is always checked. Returns True when checked.
+    """
+    try:
+        import jsonschema
+    except ImportError:
+        if optional:
+            return False
+        raise
 
     validator = jsonschema.Draft202012Validator(schema(name))
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
@@ -258,6 +267,7 @@ def validate(obj, name):
         if sorted(obj["pass_at_k"], key=int) != expected:
             raise ValueError(f"summary invalid: pass_at_k keys {sorted(obj['pass_at_k'], key=int)}, "
                              f"expected {expected}")
+    return True
 
 
 __all__ = ["pass_at_k", "pass_ks", "majority_vote", "grade_problem", "problem_record", "summarize",

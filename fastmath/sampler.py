@@ -818,6 +818,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
         bar = tqdm(total=len(mine), unit="problem", desc="sampling", disable=not (progress and dist.is_main),
                    dynamic_ncols=True)
         t0, grading = time.perf_counter(), 0.0  # tokens/s counts sampling time only, not grading
+        unchecked = False
         with open(shard, "a", encoding="utf-8") as f:
             for res in sampler.run(prompts, params, indices=[p.index for p in mine]):
                 tg = time.perf_counter()
@@ -828,7 +829,9 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                     greedy_completion=g.text if g else None, greedy_token_count=len(g.tokens) if g else None,
                     type=p.type, level=p.level, index=p.index, prompt_tokens=res.prompt_tokens,
                     finish_reasons=[c.finish_reason for c in res.samples])
-                metrics.validate(rec, "samples")
+                if not metrics.validate(rec, "samples", optional=True) and not unchecked:
+                    unchecked = True
+                    log("jsonschema is not installed: samples.jsonl and summary.json are written without a schema check")
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 grading += time.perf_counter() - tg
@@ -858,7 +861,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                                     generated_tokens=timing["generated_tokens"])
         summary.update({"model": str(ckpt), "data": data_desc, "temperature": temperature, "top_p": top_p,
                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
-        metrics.validate(summary, "summary")
+        metrics.validate(summary, "summary", optional=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         try:
             io.plot_pass_at_k(summary, out_dir / "pass_at_k.png", title=f"{ckpt.parent.name}/{ckpt.name}")
