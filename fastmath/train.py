@@ -830,7 +830,10 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     summary = {"run_dir": str(run_dir), "steps": total_steps, "epochs": stream.epoch_of_step(total_steps),
                "tokens_seen": state["tokens_seen"], "train_seconds": state["elapsed"],
                "tokens_per_s": state["tokens_seen"] / max(1e-9, state["elapsed"]),
-               "final_loss": losses[-1] if losses else None, "packing_efficiency": stream.efficiency(),
+               "final_loss": losses[-1] if losses else None,
+               # one step's loss is noisy: the mean of the last (up to) 10 steps of this process
+               "final_loss_mean": float(np.mean(losses[-10:])) if losses else None,
+               "final_loss_mean_steps": len(losses[-10:]), "packing_efficiency": stream.efficiency(),
                "lr": cfg.lr, "untrained_greedy_acc": state["untrained_acc"]}
     if val_stream:
         summary["val_loss"] = validation_loss(model, val_stream, dist_, dev)
@@ -868,7 +871,9 @@ def format_summary(s: dict) -> str:
     rows = [("run", s["run_dir"]), ("steps", s["steps"]), ("epochs", f"{s['epochs']:.2f}"),
             ("tokens seen", f"{s['tokens_seen']:,}"), ("train time", f"{s['train_seconds']:.0f} s"),
             ("tokens/s", f"{s['tokens_per_s']:,.0f}"), ("packing efficiency", f"{s['packing_efficiency']:.1%}"),
-            ("peak lr", f"{s['lr']:g}"), ("final train loss", f"{s['final_loss']:.4f}" if s["final_loss"] else "-")]
+            ("peak lr", f"{s['lr']:g}"),
+            (f"train loss (mean of last {s.get('final_loss_mean_steps', 1)} steps)",
+             f"{s['final_loss_mean']:.4f}" if s.get("final_loss_mean") is not None else "-")]
     if "val_loss" in s:
         rows.append(("validation loss", f"{s['val_loss']:.4f}"))
     if "greedy_acc" in s:

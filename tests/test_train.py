@@ -96,6 +96,9 @@ def test_run_directory_and_hf_export(tmp_path, tok_path):
     assert (run / "loss.png").stat().st_size > 1000 and (run / "summary.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["greedy_acc"] <= 1 and summary["untrained_greedy_acc"] is not None
+    step_losses = [m["loss"] for m in metrics if "loss" in m]
+    assert summary["final_loss"] == step_losses[-1] and summary["final_loss_mean_steps"] == 5
+    assert summary["final_loss_mean"] == pytest.approx(sum(step_losses) / 5, rel=1e-6)
 
     # final/ opens in transformers and gives the same logits as fastmath's model (an independent implementation)
     transformers = pytest.importorskip("transformers")
