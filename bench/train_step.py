@@ -240,7 +240,8 @@ def main():
     p.add_argument("--budget", type=int, default=4096, help="useful tokens per step (fastmath's pack budget)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per method (after 2 warm-up steps)")
     p.add_argument("--docs", type=int, default=2000, help="documents to draw from")
-    p.add_argument("--mfu", action="store_true", help="also the ~1B MFU table (CUDA only)")
+    p.add_argument("--mfu", action="store_true",
+                   help="also the ~1B MFU table (CUDA only; its own 16384 tokens per step and 8 timed steps)")
     p.add_argument("--budget-s", type=float, default=120, help="stop starting new MFU rows after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--smoke", action="store_true",
