@@ -26,7 +26,10 @@ def test_bench_script_smoke(name, tmp_path, kt):
     result = json.loads((tmp_path / f"{name}.json").read_text())
     rows = result["rows"]
     assert {r["provider"] for r in rows} >= {"eager", "fastmath"}
-    assert not [r for r in rows if "error" in r], rows
+    # Liger's own kernels may not run in the interpreter (some call .to on a Python float): allowed. An error
+    # from our side of a Liger adapter (a TypeError for a wrong signature, say) is not.
+    errors = [r for r in rows if "error" in r and not (r["provider"] == "liger" and r["error"].startswith("InterpreterError"))]
+    assert not errors, errors
     for key in ("gpu", "driver", "torch", "triton", "date", "copy_bandwidth_GBps", "targets"):
         assert key in result
     ours = [r for r in rows if r["provider"] == "fastmath"]
