@@ -70,7 +70,8 @@ def describe_backends() -> str:
         return f"error: {e}"
     detail = ""
     if chosen == "torch":
-        detail = " (varlen_attn)" if device == "cuda" and _torch_varlen() is not None else " (SDPA per document)"
+        use_varlen = device == "cuda" and _torch_varlen() is not None and torch_varlen_works("cuda")
+        detail = " (varlen_attn)" if use_varlen else " (SDPA per document)"
     return f"{chosen}{detail} on {device}; available: {', '.join(available_backends(device))}"
 
 
@@ -98,9 +99,42 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float 
                                       softmax_scale=softmax_scale, causal=True)
     if backend == "xformers":
         return _xformers_varlen(q, k, v, cu_seqlens, softmax_scale)
-    if q.is_cuda and _torch_varlen() is not None:
+    if q.is_cuda and _torch_varlen() is not None and torch_varlen_works(str(q.device)):
         return torch_varlen_call(_torch_varlen(), q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     return sdpa_varlen(q, k, v, cu_seqlens, softmax_scale)
+
+
+@functools.cache
+def torch_varlen_works(device: str) -> bool:
+    """Probe torch's varlen_attn once per device: forward and backward on a tiny bf16 pack (two documents,
+    GQA) must match SDPA per document. A release whose op fails or disagrees (its backward was still being
+    fixed after it shipped) is replaced by SDPA per document, with one warning."""
+    import warnings
+
+    fn = _torch_varlen()
+    if fn is None:
+        return False
+    try:
+        with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(24, h, 64, generator=g, device=device).to(torch.bfloat16) for h in (4, 2, 2))
+            cu = torch.tensor([0, 9, 24], dtype=torch.int32, device=device)
+            grad_out = torch.randn(24, 4, 64, generator=g, device=device).to(torch.bfloat16)
+            results = []
+            for attend in (lambda q, k, v: torch_varlen_call(fn, q, k, v, cu, 15, None),
+                           lambda q, k, v: sdpa_varlen(q, k, v, cu)):
+                leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+                out = attend(*(x.to(torch.bfloat16) for x in leaves))
+                out.backward(grad_out)
+                results.append([out.float()] + [x.grad for x in leaves])
+        for name, ours, ref in zip(("output", "dq", "dk", "dv"), *results):
+            if ours.shape != ref.shape or not torch.allclose(ours, ref, atol=5e-2, rtol=5e-2):
+                raise AssertionError(f"{name} differs from SDPA by {(ours - ref).abs().max().item():.3g}")
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"torch varlen_attn failed its self-check on {device} ({type(e).__name__}: {e}); "
+                      "using SDPA per document instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def _repeat_kv(x, n_rep: int):

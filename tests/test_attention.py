@@ -108,3 +108,45 @@ def test_kv_cache_prefill_then_decode_equals_full_attention():
     ref = dense_reference(q, k, v, cu)
     torch.testing.assert_close(pre.double(), torch.cat([ref[0:4], ref[5:12]]), atol=2e-5, rtol=0)
     torch.testing.assert_close(dec.double(), ref[[4, 12]], atol=2e-5, rtol=0)
+
+
+def _stub_varlen(attend):
+    def stub(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1), enable_gqa=False):
+        return attend(query, key, value, cu_seq_q)
+    return stub
+
+
+class _BrokenBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("function _varlen_attn_backward returned an incorrect number of gradients")
+
+
+@pytest.mark.parametrize("kind", ["good", "backward_raises", "wrong_numbers"])
+def test_torch_varlen_self_check(kind, monkeypatch):
+    """A torch release whose varlen_attn fails or disagrees with SDPA (forward or backward) is not used."""
+    good = lambda q, k, v, cu: sdpa_varlen(q, k, v, cu)  # noqa: E731
+    attend = {
+        "good": good,
+        "backward_raises": lambda q, k, v, cu: _BrokenBackward.apply(good(q, k, v, cu)),
+        # no causal mask inside documents: the forward differs
+        "wrong_numbers": lambda q, k, v, cu: torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                *(x[s:e].transpose(0, 1) for x in (q, k, v)), enable_gqa=True).transpose(0, 1)
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]),
+    }[kind]
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _stub_varlen(attend))
+    attention.torch_varlen_works.cache_clear()
+    try:
+        if kind == "good":
+            assert attention.torch_varlen_works("cpu") is True
+        else:
+            with pytest.warns(RuntimeWarning, match="failed its self-check"):
+                assert attention.torch_varlen_works("cpu") is False
+    finally:
+        attention.torch_varlen_works.cache_clear()
