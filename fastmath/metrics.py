@@ -23,14 +23,15 @@ summary.json (schema: fastmath/schemas/summary.schema.json):
     n, problems, pass_at_k {"1": .., "2": .., "4": .., ..., str(n): ..}, pass_ratio, majority_accuracy,
     greedy_accuracy (null without greedy samples), no_answer_rate, generated_tokens, seconds (or null),
     tokens_per_second (or null), breakdowns {"type": {value: {...}}, "level": {...}} where each entry has
-    problems, pass_at_1, pass_at_n, pass_ratio, majority_accuracy, greedy_accuracy.
+    problems, pass_at_1, pass_at_n, pass_ratio, majority_accuracy, greedy_accuracy; guessing_baseline
+    {pass_at_k, problems, source} when at least two problems carry a reference answer.
 All accuracies are fractions in [0, 1].
 """
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from importlib import resources
 
-from .grading import Grader, default_grader, extract_answer
+from .grading import Grader, default_grader, extract_answer, normalize_answer
 
 BREAKDOWN_FIELDS = ("type", "level")
 MAX_VOTE_COMPARISONS = 20_000  # per problem; beyond it remaining answers are grouped by string only
@@ -222,7 +223,26 @@ def summarize(records, n=None, seconds=None, generated_tokens=None):
                     "majority_accuracy": g["majority_accuracy"], "greedy_accuracy": g["greedy_accuracy"],
                 }
     summary["breakdowns"] = breakdowns
+    baseline = guessing_baseline([r.get("reference_answer") for r in records], ks)
+    if baseline is not None:
+        summary["guessing_baseline"] = baseline
     return summary
+
+
+def guessing_baseline(reference_answers, ks):
+    """Pass@k of a guesser that answers each problem with k independent draws from the reference answers of
+    the other problems (leave-one-out frequencies, compared by `normalize_answer`): the floor against which
+    Pass@k must be read when answers repeat (small integers, multiple choice). String equality makes it a
+    slight underestimate ("0.5" and "\\frac{1}{2}" count as different). None with fewer than two references.
+    """
+    keys = [normalize_answer(a) for a in reference_answers if isinstance(a, str) and a.strip()]
+    m = len(keys)
+    if m < 2:
+        return None
+    counts = Counter(keys)
+    hit = [(counts[key] - 1) / (m - 1) for key in keys]  # chance one draw from the others is this answer
+    return {"pass_at_k": {str(k): sum(1.0 - (1.0 - p) ** k for p in hit) / m for k in ks}, "problems": m,
+            "source": "k draws from the other problems' reference answers (leave-one-out frequencies)"}
 
 
 _SCHEMAS = {}

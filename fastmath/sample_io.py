@@ -281,6 +281,9 @@ def format_table(summary: dict) -> str:
     for k in sorted(int(k) for k in summary["pass_at_k"]):
         if k in (1, n) or k in (8, 64):
             rows.append((f"Pass@{k}", f"{100 * summary['pass_at_k'][str(k)]:.1f}%"))
+    guess = summary.get("guessing_baseline")
+    if guess and str(n) in guess["pass_at_k"]:
+        rows.append((f"Pass@{n} by guessing (floor)", f"{100 * guess['pass_at_k'][str(n)]:.1f}%"))
     rows.append((f"PassRatio@{n}", f"{100 * summary['pass_ratio']:.1f}%"))
     rows.append(("majority vote", f"{100 * summary['majority_accuracy']:.1f}%"))
     g = summary.get("greedy_accuracy")

@@ -133,3 +133,36 @@ def test_summarize_without_greedy_and_timing():
         validate(dict(s, pass_ratio=1.5), "summary")
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_guessing_baseline_against_enumeration():
+    """Every sequence of k draws from the other problems' answers, enumerated: the fraction of sequences
+    that contain the problem's own answer, averaged over problems."""
+    import itertools
+
+    from fastmath.metrics import guessing_baseline
+
+    refs = ["1,000", "1000", "$5$", "5", "7", None, "  "]  # equal after normalisation: 1,000 = 1000 and $5$ = 5
+    canon = ["1000", "1000", "5", "5", "7"]
+    got = guessing_baseline(refs, [1, 2, 3])
+    assert got["problems"] == 5
+    for k in (1, 2, 3):
+        rates = []
+        for i, mine in enumerate(canon):
+            others = canon[:i] + canon[i + 1:]
+            seqs = list(itertools.product(others, repeat=k))
+            rates.append(sum(mine in seq for seq in seqs) / len(seqs))
+        assert got["pass_at_k"][str(k)] == pytest.approx(sum(rates) / len(rates))
+    assert guessing_baseline(["3"], [1]) is None and guessing_baseline([None, None], [1]) is None
+
+
+def test_summary_carries_the_guessing_baseline():
+    from fastmath.sample_io import format_table
+
+    recs = [dict(_record([True, False], False), reference_answer=a) for a in ("2", "2", "3")]
+    s = summarize(recs)
+    validate(s, "summary")
+    # "2": one of the two others is "2" -> 1/2 per draw; "3": never
+    assert s["guessing_baseline"]["pass_at_k"]["1"] == pytest.approx((0.5 + 0.5 + 0) / 3)
+    assert s["guessing_baseline"]["pass_at_k"]["2"] == pytest.approx((0.75 + 0.75 + 0) / 3)
+    assert "Pass@2 by guessing (floor)" in format_table(s)
