@@ -221,3 +221,16 @@ def test_missing_matplotlib_skips_the_plot_only(tmp_path, tok_path, monkeypatch)
     res = run_cli(SMALL + ["--max-steps", "2", "--eval-problems", "2", "--out", str(out), "--tokenizer", str(tok_path)])
     assert "loss.png skipped" in res.output
     assert (out / "latest" / "summary.json").is_file() and not (out / "latest" / "loss.png").exists()
+
+
+def test_compile_trains_like_eager(tmp_path, tok_path):
+    """--compile (torch.compile of each block; inductor's C++ backend on the CPU) gives eager's losses."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"runs_{compiled}"
+        run_cli(SMALL + ["--max-steps", "3", "--eval-problems", "0", "--out", str(out), "--tokenizer", str(tok_path)]
+                + (["--compile"] if compiled else []))
+        metrics = [json.loads(line) for line in (out / "latest" / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
