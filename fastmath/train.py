@@ -64,7 +64,7 @@ class TrainConfig:
     batch_tokens: int | None = _opt(None, "global batch in tokens across ranks and accumulation (default: 8 micro-batches; 1 for the procedural demo)")
     epochs: float = _opt(3.0, "passes over the data (the paper: 3)")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (0 = run the epochs; default 0, or 800 for the procedural demo); the schedule spans it")
-    lr: float | None = _opt(None, "peak learning rate (default 2e-5 when fine-tuning a checkpoint, 1e-3 from scratch, 5e-3 for the procedural demo)")
+    lr: float | None = _opt(None, "peak learning rate (default 2e-5 when fine-tuning a checkpoint, 1e-3 from scratch, 3e-3 for the procedural demo)")
     warmup: float = _opt(0.04, "linear warmup as a fraction of the steps (the paper: 4%)")
     min_lr_ratio: float = _opt(0.0, "cosine decays to lr * this")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -467,7 +467,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path | None, dist_, log=print) -> Pr
 # under 5 minutes on 2 idle CPU cores (~6.5K tokens/s: 800 steps x 2048 tokens in ~260 s). Small batches and
 # a high peak lr: the budget buys ~1.6M tokens, so the number of updates matters more than gradient noise.
 # Measured on a quiet machine: held-out greedy accuracy 9% after 250 steps, 18% at 400, 22% at 600, 35% at 800.
-DEMO = {"max_steps": 800, "micro_batch_tokens": 2048, "batch_tokens": 2048, "lr": 5e-3}
+DEMO = {"max_steps": 800, "micro_batch_tokens": 2048, "batch_tokens": 2048, "lr": 3e-3}
 
 
 def resolve_config(cfg: TrainConfig, on_gpu: bool, world_size: int) -> TrainConfig:
