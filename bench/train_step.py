@@ -85,18 +85,21 @@ def hf_batches(docs: D.TokenizedDocs, per_batch: int, grouped: bool, seed: int):
         yield torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels), int(docs.lengths[g].sum())
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_steps(step_fn, batches, n_steps: int, warmup: int, device) -> dict:
     """Median seconds per step and useful tokens/s over n_steps (after warmup steps)."""
     times, useful = [], 0
     for i, b in enumerate(batches):
         if i >= warmup + n_steps:
             break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         n = step_fn(b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             useful += n
@@ -164,11 +167,6 @@ def compare(args: ModelArgs, docs, budget: int, n_steps: int, device, bf16: bool
     best_hf = max(out["hf_sdpa_padded_random"]["useful_tokens_per_s"], out["hf_sdpa_padded_grouped"]["useful_tokens_per_s"])
     out["speedup_vs_best_hf"] = out["fastmath_packed"]["useful_tokens_per_s"] / best_hf
     return out
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measured_matmul_peak(device, n: int = 8192) -> float:

@@ -27,13 +27,17 @@ def test_labelled_set_size_and_balance():
     assert 0.3 < positives / len(rows) < 0.8
 
 
-def test_fastmath_matches_every_label():
-    rows = load_labelled()
+def fastmath_verdicts(rows):
     g = Grader(workers=2)
     try:
-        got = g.equiv_many([(p, r) for _, p, r in rows])
+        return g.equiv_many([(p, r) for _, p, r in rows])
     finally:
         g.close()
+
+
+def test_fastmath_matches_every_label():
+    rows = load_labelled()
+    got = fastmath_verdicts(rows)
     wrong = [(label, p, r) for (label, p, r), v in zip(rows, got) if v != label]
     assert not wrong, wrong
 
@@ -41,11 +45,7 @@ def test_fastmath_matches_every_label():
 def test_agreement_with_math_verify():
     mv = pytest.importorskip("math_verify")
     rows = load_labelled()
-    g = Grader(workers=2)
-    try:
-        ours = g.equiv_many([(p, r) for _, p, r in rows])
-    finally:
-        g.close()
+    ours = fastmath_verdicts(rows)
     theirs = []
     for _, p, r in rows:
         try:

@@ -19,7 +19,6 @@ from fastmath.kernels import _aot  # noqa: E402
 from fastmath.kernels._dispatch import META_SM_COUNT, num_workers, rows_per_program  # noqa: E402
 
 H100_SMEM_PER_BLOCK = 227 * 1024  # bytes of shared memory one block may use on sm_90
-REGISTERS_PER_SM = 65536
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def test_no_spills_and_blocks_fit(compiled):
             bad.append(f"{r.line()}: spills {r.spill_bytes} bytes")
         if r.shared_bytes > H100_SMEM_PER_BLOCK:
             bad.append(f"{r.line()}: needs {r.shared_bytes} bytes of shared memory")
-        if r.registers * threads > REGISTERS_PER_SM:
+        if r.registers * threads > _aot.REGISTERS_PER_SM:
             bad.append(f"{r.line()}: {r.registers} registers x {threads} threads do not fit one SM")
         assert r.cubin_bytes > 0
     assert not bad, "\n".join(bad)
