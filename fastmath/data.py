@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .grading import last_boxed as _grading_last_boxed
+
 IGNORE = -100  # label of positions with no target (cross-entropy ignore_index)
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -74,26 +76,9 @@ def gsm8k_response(answer: str) -> tuple[str, str]:
     return (body + "\n" if body else "") + ANSWER_PREFIX + final, final
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if absent."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        rest = text[start + len("\\boxed"):]
-        if rest.startswith(" "):  # "\boxed 5"
-            return rest.split("$")[0].strip() or None
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None
+# The one reader of \boxed{} answers is fastmath.grading's, so training data and grading agree on what a MATH
+# solution's answer is (an empty last box is skipped, `\boxedx` is not a box).
+last_boxed = _grading_last_boxed
 
 
 def math_response(solution: str) -> tuple[str, str]:

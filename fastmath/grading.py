@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 
-from ._latex import NotExact, ParseError, ProbeError, exact_value, has_decimal, parse_math, probe, probe_points, symbols
+from ._latex import GREEK, NotExact, ParseError, ProbeError, exact_value, has_decimal, parse_math, probe, probe_points, symbols
 
 MAX_CHARS = 2000  # longer answers are compared as normalised strings only
 REL_TOL = 1e-4  # for decimal literals
@@ -53,18 +53,27 @@ DEFAULT_MEMORY_MB = 1024
 # ============================================================== extraction
 
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?", re.IGNORECASE)
-_FALLBACK = re.compile(r"(?:final\s+answer|answer)\s*:", re.IGNORECASE)
+# fallbacks: "Final Answer: X", "Answer: X", and the phrases without "the" ("My final answer is: X",
+# "Final answer is X", "so answer is X"); "the answer is" never gets here with an answer (rank 1 took it)
+_FALLBACK = re.compile(r"(?:final\s+answer|answer)\s*(?::|(is)(?![a-zA-Z'])\s*:?)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])|\.$")
 _UNITS_TAIL = re.compile(r"^(.*?[\d}\)\]])\s*((?:[a-zA-Z]{2,}\.?(?:\s+|$))+)$")
+EXTRACT_MODES = ("strict", "flexible")
 
 
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _BRACE = re.compile(r"[{}]")
 
 
-def _last_boxed(text):
-    """Content of the last \\boxed{...} / \\fbox{...} with balanced braces (or `\\boxed 5`), or None.
-    One pass over the braces, so unbalanced or deeply nested input stays linear."""
+def last_boxed(text):
+    """Content of the last non-empty \\boxed{...} / \\fbox{...} with balanced braces (or `\\boxed 5`), or None.
+
+    The one reader of boxed answers (fastmath.data uses it for MATH solutions too). An empty or unclosed
+    box is skipped for the one before it (`a \\boxed{3} b \\boxed{}` gives "3"); `\\boxedx{3}` is not a box.
+    One pass over the braces, so unbalanced or deeply nested input stays linear.
+    """
+    if not isinstance(text, str):
+        return None
     cmds = [m.end() for m in _BOX_CMD.finditer(text)]
     if not cmds:
         return None
@@ -88,10 +97,13 @@ def _last_boxed(text):
     return None
 
 
+_last_boxed = last_boxed  # the name used before it became public
+
+
 def _clean(ans):
     """Strip $, \\( \\), trailing periods and trailing unit words from an extracted answer."""
     ans = ans.strip()
-    boxed = _last_boxed(ans) if "\\boxed" in ans or "\\fbox" in ans else None
+    boxed = last_boxed(ans) if "\\boxed" in ans or "\\fbox" in ans else None
     if boxed is not None:
         ans = boxed.strip()
     for _ in range(3):
@@ -109,23 +121,37 @@ def _clean(ans):
 _MATH_WORDS = {"pi", "sqrt", "and", "or", "infty", "sin", "cos", "tan", "log", "ln", "exp"}
 
 
-def extract_answer(text):
+def extract_answer(text, mode="strict"):
     """The final answer in a completion or reference solution, or None.
 
-    Order of preference:
+    Order of preference (the first rule that finds a non-empty answer wins):
       1. the last "The answer is: X" / "The answer is X" / "The final answer is X" (fastmath's training
          format, after the paper); X runs to the end of its line or sentence. If a \\boxed{} follows the
          phrase later in the text, that last \\boxed{} wins (MATH solutions say "the answer is" mid-way);
       2. GSM8K's "#### X";
-      3. the last \\boxed{...} or \\fbox{...} (nested braces);
-      4. fallbacks: the last "Final Answer: X" / "Answer: X"; a text that is itself one short line of math
-         (at most 100 characters with a digit or a LaTeX command and no plain word of 4+ letters, e.g.
-         "42", "$\\frac{1}{2}$") is its own answer.
+      3. the last \\boxed{...} or \\fbox{...} (nested braces; see `last_boxed`);
+      4. fallbacks: the last of "Final Answer: X", "Answer: X", and the phrases without "the" ("My final
+         answer is: X", "Final answer is X"; X then runs to the end of its sentence);
+      5. a text that is itself one short line of math (at most 100 characters with a digit or a LaTeX
+         command and no plain word of 4+ letters, e.g. "42", "$\\frac{1}{2}$") is its own answer;
+      6. mode="flexible" only: whichever of the last number and the last math span ($...$, $$...$$,
+         \\(...\\), \\[...\\]) ends last in the text (what lm-evaluation-harness's GSM8K "flexible-extract"
+         and math-verify fall back to); of a span that is a chain `a = b = c`, the last side.
     Then `$...$`, `\\(...\\)`, trailing periods and trailing unit words ("18 dollars") are stripped.
+    mode="strict" (the default, and what `fastmath sample` uses) stops after rule 5.
     Never raises: anything that is not a string gives None.
     """
+    if mode not in EXTRACT_MODES:
+        raise ValueError(f"extract_answer: mode must be one of {EXTRACT_MODES}, got {mode!r}")
     if not isinstance(text, str) or not text.strip():
         return None
+    ans = _extract_strict(text)
+    if ans is None and mode == "flexible":
+        ans = _extract_flexible(text)
+    return ans
+
+
+def _extract_strict(text):
     last = None
     for last in _ANSWER_IS.finditer(text):
         pass
@@ -134,7 +160,7 @@ def extract_answer(text):
         boxed_after = "\\boxed" in rest or "\\fbox" in rest
         line = rest.split("\n", 1)[0]
         if boxed_after and not ("\\boxed" in line or "\\fbox" in line):
-            ans = _last_boxed(rest)
+            ans = last_boxed(rest)
         else:
             m = _SENTENCE_END.search(line)
             ans = line[: m.start()] if m and "\\boxed" not in line else line
@@ -146,14 +172,18 @@ def extract_answer(text):
         ans = _clean(text[pos + 4:].split("\n", 1)[0])
         if ans:
             return ans.replace(",", "") if re.fullmatch(r"-?[\d,]+(\.\d+)?", ans) else ans
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
     last = None
     for last in _FALLBACK.finditer(text):
         pass
     if last is not None:
-        ans = _clean(text[last.end():].split("\n", 1)[0])
+        line = text[last.end():].split("\n", 1)[0]
+        if last.group(1):  # "... answer is X. I hope it is correct." -> X
+            m = _SENTENCE_END.search(line)
+            line = line[: m.start()] if m else line
+        ans = _clean(line)
         if ans:
             return ans
     stripped = text.strip()
@@ -161,6 +191,47 @@ def extract_answer(text):
             and re.search(r"[\d\\]", stripped) and not re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}", stripped)):
         return _clean(stripped)
     return None
+
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_DOLLAR = re.compile(r"(?<!\\)\$\$?")
+
+
+def _last_math_span(text):
+    """(end, content) of the last complete $...$ / $$...$$ / \\(...\\) / \\[...\\] span, or None. Linear."""
+    best = None
+    opened = None  # (delimiter, end of the opening delimiter)
+    for m in _DOLLAR.finditer(text):
+        if opened is None:
+            opened = (m.group(), m.end())
+        elif m.group() == opened[0] or len(m.group()) > len(opened[0]):
+            content = text[opened[1]: m.start()]
+            if content.strip():
+                best = (m.start() + len(opened[0]), content)
+            opened = None
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+        end = text.rfind(right)
+        start = text.rfind(left, 0, end) if end > 0 else -1
+        if start >= 0 and text[start + 2: end].strip() and (best is None or end + 2 > best[0]):
+            best = (end + 2, text[start + 2: end])
+    return best
+
+
+def _extract_flexible(text):
+    """Rule 6 of extract_answer: the later of the last number and the last math span."""
+    number = None
+    for number in _NUMBER.finditer(text):
+        pass
+    span = _last_math_span(text)
+    if span is not None and (number is None or span[0] >= number.end()):
+        content = span[1]
+        sides = _split_top(content, "=") if len(content) <= MAX_CHARS else None
+        if sides and len(sides) > 1 and sides[-1].strip():
+            content = sides[-1]
+        ans = _clean(content)
+        if ans:
+            return ans
+    return number.group().replace(",", "") if number is not None else None
 
 
 # ============================================================== normalisation
@@ -172,6 +243,15 @@ _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])|\\degree(?![a
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SPACES = re.compile(r"\s+")
 _KEEP_SPACE = re.compile(r"(?<![a-zA-Z]) | (?![a-zA-Z])")
+# one spelling per relation (and for a few Unicode signs), so `y \geq 2`, `y >= 2`, `y ≥ 2` normalise alike;
+# `5!=120` keeps its factorial (a `!=` right after a digit or bracket is not "not equal")
+_SYMBOLS = re.compile(r"\\(?:geqslant|leqslant|geq|leq|neq|ge|le|ne|gt|lt)(?![a-zA-Z])|>=|<=|(?<![\d)}!])!="
+                      r"|[≥≤⩾⩽≠±∓≈∞∈]")
+_SYMBOL_FORM = {"\\geqslant": "\\ge ", "\\geq": "\\ge ", "\\ge": "\\ge ", ">=": "\\ge ", "≥": "\\ge ", "⩾": "\\ge ",
+                "\\leqslant": "\\le ", "\\leq": "\\le ", "\\le": "\\le ", "<=": "\\le ", "≤": "\\le ", "⩽": "\\le ",
+                "\\neq": "\\ne ", "\\ne": "\\ne ", "!=": "\\ne ", "≠": "\\ne ", "\\gt": ">", "\\lt": "<",
+                "±": "\\pm ", "∓": "\\mp ", "≈": "\\approx ", "∞": "\\infty ", "∈": "\\in "}
+_SEP_WORDS = re.compile(r",? (?:and|or) ")  # "3 and 9", "1, 2, and 3", "x=2 or x=-2" are lists
 
 
 def normalize_answer(s):
@@ -181,7 +261,11 @@ def normalize_answer(s):
     s = s.strip()
     if len(s) > MAX_CHARS:
         return _SPACES.sub("", s.replace("$", ""))  # only light work on over-long input
-    s = s.replace("\\$", "").replace("$", "").replace("\\!", "").replace("{,}", ",")
+    s = s.replace("\\$", "").replace("$", "")
+    if "\\!" in s:  # a negative thin space, also the spacing of `12,\\! 345`
+        s = re.sub(r"\s*\\!\s*", "", s)
+    if "{" in s:  # `1{,}000`, `12{, }345`
+        s = re.sub(r"\{\s*,\s*\}", ",", s)
     if s.startswith("\\(") and s.endswith("\\)") or s.startswith("\\[") and s.endswith("\\]"):
         s = s[2:-2]
     s = _LEFT_RIGHT.sub("", s)
@@ -189,6 +273,7 @@ def normalize_answer(s):
     s = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", s)
     s = _SPACING.sub(" ", s)
     s = _DEGREES.sub("", s)
+    s = _SYMBOLS.sub(lambda m: _SYMBOL_FORM[m.group()], s)
     s = s.replace("\\%", "").replace("%", "")
     for _ in range(4):
         s2 = _TEXT_CMD.sub(r" \1 ", s)
@@ -202,6 +287,8 @@ def normalize_answer(s):
         s = m.group(1).strip()
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
+    elif " " in s:
+        s = _SEP_WORDS.sub(",", s)
     s = _KEEP_SPACE.sub("", s)
     return s
 
@@ -252,15 +339,67 @@ def _wrapped(s):
     return depth == 0
 
 
+_GREEK_NAME = "|".join(sorted(GREEK, key=len, reverse=True))
+# a name is what the parser reads as one symbol (x, x_1, x_{12}, \alpha) or a word of 4+ letters (text to
+# the parser, e.g. "\text{area}" -> "area"), with optional primes
+_NAME = rf"(?:[a-zA-Z](?:_\{{?\w+\}}?)?|\\(?:{_GREEK_NAME})|[a-zA-Z]{{4,}})'*"
+_ARG = rf"(?:{_NAME}|-?\d+(?:\.\d+)?)"
+_NAMED_LHS = re.compile(
+    rf"{_NAME}"  # x, \theta, area
+    rf"|[a-zA-Z](?:_\{{?\w+\}}?)?(?:'+|\^\{{?-1\}}?)?\({_ARG}(?:,{_ARG})*\)"  # f(x), g'(t), f^{-1}(3), p(x,y)
+    rf"|[(\[]{_NAME}(?:,{_NAME})+[)\]]"  # (m,n), [a,b]
+)
+_SIMPLE_NAME = re.compile(rf"[a-zA-Z](?:_\{{?\w+\}}?)?|\\(?:{_GREEK_NAME})")
+_RELATION = re.compile(r"\\(?:le|ge|ne|in)(?![a-zA-Z])|<|>")
+_PM = re.compile(r"\\(?:pm|mp)(?![a-zA-Z])")
+_FLIP = {">": "<", "\\ge": "\\le"}
+
+
+def _split_relations(s):
+    """Split `s` at relations outside brackets: ([sides], [ops]); None if there are none or brackets do not
+    balance. Linear in len(s)."""
+    sides, ops, depth, start, k = [], [], 0, 0, 0
+    for m in _RELATION.finditer(s):
+        for ch in s[k: m.start()]:
+            depth += (ch in _OPEN) - (ch in _CLOSE)
+        k = m.start()
+        if depth == 0:
+            sides.append(s[start: m.start()].strip())
+            ops.append(m.group())
+            start = m.end()
+    if not ops:
+        return None
+    sides.append(s[start:].strip())
+    return sides, ops
+
+
 def _structure(s, depth=0):
     """Classify a normalised answer: ("expr", s) | ("list", items) | ("set", items) | ("seq", open, close,
-    items) | ("union", parts) | ("mat", rows) | ("eq", lhs, rhs) | ("based", digits, base) | ("text", s)."""
+    items) | ("union", parts) | ("mat", rows) | ("eq", lhs, rhs) | ("in", lhs, rhs) | ("rel", sides, ops)
+    | ("based", digits, base) | ("text", s).
+
+    On the way: `[\begin{array}..\end{array}]` is a matrix; a trailing `\approx 0.143` is dropped (unless
+    what precedes it is a name: `x \approx 2.5` is `x = 2.5`); `a \pm b` is the list `a+b, a-b`; a chain of
+    `>`/`\ge` is written the other way round (`y > 2` is `2 < y`)."""
     if depth > 8:
         return ("text", s)
+    if s[:1] in "([" and "\\begin{array}" in s and _wrapped(s) and _MATRIX.fullmatch(s[1:-1].strip()):
+        s = s[1:-1].strip()  # \left[\begin{array}{cc} ... \end{array}\right]
     m = _MATRIX.fullmatch(s)
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
         return ("mat", tuple(tuple(_structure(c.strip(), depth + 1) for c in r.split("&")) for r in rows))
+    if "\\approx" in s:
+        parts = _split_top(s, "\\approx")
+        if parts and len(parts) > 1 and parts[0].strip() and parts[-1].strip():
+            head = parts[0].strip()
+            if _NAMED_LHS.fullmatch(head):
+                return ("eq", head, parts[-1].strip())
+            return _structure(head, depth + 1)
+    if "\\in" in s:
+        parts = _split_top(s, "\\in")
+        if parts and len(parts) == 2 and _NAMED_LHS.fullmatch(parts[0].strip()) and parts[1].strip():
+            return ("in", parts[0].strip(), parts[1].strip())
     if "\\cup" in s:
         parts = _split_top(s, "\\cup")
         if parts and len(parts) > 1:
@@ -275,14 +414,71 @@ def _structure(s, depth=0):
             return ("seq", s[0], s[-1], tuple(_structure(p.strip(), depth + 1) for p in inner))
     parts = _split_top(s, ",")
     if parts is not None and len(parts) > 1:
-        return ("list", tuple(_structure(p.strip(), depth + 1) for p in parts if p.strip()))
+        items = []
+        for p in parts:
+            if p.strip():
+                item = _structure(p.strip(), depth + 1)
+                items.extend(item[1] if item[0] == "list" else (item,))  # `\pm 1, \pm 2` is one flat list
+        return ("list", tuple(items))
+    rel = _split_relations(s) if ("<" in s or ">" in s or "\\le" in s or "\\ge" in s or "\\ne" in s) else None
+    if rel is not None and all(rel[0]) and "\\in" not in rel[1] and (len(rel[1]) == 1 or "\\ne" not in rel[1]):
+        sides, ops = rel
+        if all(op in _FLIP for op in ops):
+            sides, ops = sides[::-1], [_FLIP[op] for op in reversed(ops)]
+        return ("rel", tuple(sides), tuple(ops))
     parts = _split_top(s, "=")
     if parts is not None and len(parts) == 2 and parts[0].strip() and parts[1].strip():
         return ("eq", parts[0].strip(), parts[1].strip())
     m = _BASED.fullmatch(s)
     if m:
         return ("based", m.group(1), m.group(2))
+    if "\\pm" in s or "\\mp" in s:
+        signs = ({"\\pm": "+", "\\mp": "-"}, {"\\pm": "-", "\\mp": "+"})
+        forms = [_PM.sub(lambda m: sign[m.group()], s) for sign in signs]
+        if forms[0] != s:
+            return ("list", tuple(_structure(f, depth + 1) for f in forms))
     return ("expr", s)
+
+
+_INTERVAL_OPEN = {"<": "(", "\\le": "["}
+_INTERVAL_CLOSE = {"<": ")", "\\le": "]"}
+
+
+def _named(st):
+    """(name, value structure) of a named value: `x = 5`, `f(t) = 3t-2`, `(m,n) = (4,1)`, `k \in (0,5]`, and a
+    one-variable inequality, whose value is its interval (`2 \le y` -> [2, \infty), `y \ne 2` -> a union);
+    None for anything else (`t^2-9 = 0` is an equation, not a named value)."""
+    kind = st[0]
+    if kind in ("eq", "in"):
+        return (st[1], _structure(st[2])) if _NAMED_LHS.fullmatch(st[1]) else None
+    if kind != "rel":
+        return None
+    sides, ops = st[1], st[2]
+    names = [k for k, side in enumerate(sides) if _SIMPLE_NAME.fullmatch(side)]
+    if not (len(sides) == 3 and names == [1] or len(sides) == 2 and len(names) == 1):
+        return None  # `a < b` has no one variable; `1 < x < y` is not an interval
+    var = sides[names[0]]
+    bounds = [side for k, side in enumerate(sides) if k != names[0]]
+    for b in bounds:
+        try:
+            tree = parse_math(b)
+        except (ParseError, ValueError, ZeroDivisionError, RecursionError):
+            return None
+        if var.lstrip("\\") in symbols(tree):
+            return None
+    if ops == ("\\ne",):
+        left, right = ("seq", "(", ")", (("expr", "-\\infty"), ("expr", bounds[0]))), \
+                      ("seq", "(", ")", (("expr", bounds[0]), ("expr", "\\infty")))
+        return var, ("union", (left, right))
+    if any(op not in _INTERVAL_OPEN for op in ops):
+        return None
+    if len(sides) == 3:
+        lo, hi, opening, closing = sides[0], sides[2], _INTERVAL_OPEN[ops[0]], _INTERVAL_CLOSE[ops[1]]
+    elif names[0] == 0:  # x < b
+        lo, hi, opening, closing = "-\\infty", sides[1], "(", _INTERVAL_CLOSE[ops[0]]
+    else:  # a < x
+        lo, hi, opening, closing = sides[0], "\\infty", _INTERVAL_OPEN[ops[0]], ")"
+    return var, ("seq", opening, closing, (("expr", lo), ("expr", hi)))
 
 
 # ============================================================== comparison (three-valued: True/False/None)
@@ -328,6 +524,9 @@ def _match3(a_items, b_items, cmp):
     return None
 
 
+_STATEMENTS = ("eq", "in", "rel")
+
+
 class _Comparer:
     """Compares normalised answers. `symbolic(A, B, tol)` decides pairs of parsed trees that the fast
     checks cannot (None in the main process: the pair is then undecided and goes to a worker)."""
@@ -364,10 +563,8 @@ class _Comparer:
 
     def compare_struct(self, a, b):
         ka, kb = a[0], b[0]
-        if ka == "eq" and kb != "eq" and re.fullmatch(r"[a-zA-Z](_\{?\w+\}?)?", a[1]):
-            return self.compare_struct(_structure(a[2]), b)
-        if kb == "eq" and ka != "eq" and re.fullmatch(r"[a-zA-Z](_\{?\w+\}?)?", b[1]):
-            return self.compare_struct(a, _structure(b[2]))
+        if ka in _STATEMENTS or kb in _STATEMENTS:
+            return self.compare_statements(a, b)
         if ka in ("list", "set") and kb in ("list", "set"):
             return _match3(a[1], b[1], self.compare_struct)
         if ka != kb:
@@ -401,6 +598,31 @@ class _Comparer:
             return self.compare_equation(a, b)
         return False
 
+    def compare_statements(self, a, b):
+        """At least one of a, b is an equation, a relation or `x \\in S`. Two equations compare as equations,
+        two relations side by side; a named value (`x = 5`, `f(t) = ...`, `(m, n) = (4, 1)`, `k \\in (0, 5]`,
+        `y \\ge 2` as [2, oo)) compares its value with a plain answer, or with another named value of the
+        same name."""
+        ka, kb = a[0], b[0]
+        if ka == kb == "eq":
+            return self.compare_equation(a, b)
+        if ka == kb == "rel" and a[2] == b[2]:
+            orders = (b[1], b[1][::-1]) if a[2] == ("\\ne",) else (b[1],)  # x \ne 2 is 2 \ne x
+            results = [_all3(self.compare_scalar(x, y) for x, y in zip(a[1], sides)) for sides in orders]
+            if True in results:
+                return True
+            if None in results:
+                return None
+        na = _named(a) if ka in _STATEMENTS else None
+        nb = _named(b) if kb in _STATEMENTS else None
+        if na is not None and nb is not None:
+            return na[0] == nb[0] and self.compare_struct(na[1], nb[1])
+        if na is not None and kb not in _STATEMENTS:
+            return self.compare_struct(na[1], b)
+        if nb is not None and ka not in _STATEMENTS:
+            return self.compare_struct(a, nb[1])
+        return False
+
     def compare_equation(self, a, b):
         same = _all3([self.compare_scalar(a[1], b[1]), self.compare_scalar(a[2], b[2])])
         if same is True:
@@ -430,6 +652,8 @@ class _Comparer:
         if ta is None or tb is None:
             # not math: text answers compare case- and space-insensitively
             return a.replace(" ", "").lower() == b.replace(" ", "").lower()
+        if ta == tb:  # the same tree written differently (`\\infty` and `\\infty `, `inf`)
+            return True
         decimal = has_decimal(ta) or has_decimal(tb)
         try:
             qa, qb = exact_value(ta), exact_value(tb)
