@@ -374,7 +374,7 @@ def _split_relations(s):
 
 
 def _structure(s, depth=0):
-    """Classify a normalised answer: ("expr", s) | ("list", items) | ("set", items) | ("seq", open, close,
+    r"""Classify a normalised answer: ("expr", s) | ("list", items) | ("set", items) | ("seq", open, close,
     items) | ("union", parts) | ("mat", rows) | ("eq", lhs, rhs) | ("in", lhs, rhs) | ("rel", sides, ops)
     | ("based", digits, base) | ("text", s).
 
@@ -445,7 +445,7 @@ _INTERVAL_CLOSE = {"<": ")", "\\le": "]"}
 
 
 def _named(st):
-    """(name, value structure) of a named value: `x = 5`, `f(t) = 3t-2`, `(m,n) = (4,1)`, `k \in (0,5]`, and a
+    r"""(name, value structure) of a named value: `x = 5`, `f(t) = 3t-2`, `(m,n) = (4,1)`, `k \in (0,5]`, and a
     one-variable inequality, whose value is its interval (`2 \le y` -> [2, \infty), `y \ne 2` -> a union);
     None for anything else (`t^2-9 = 0` is an equation, not a named value)."""
     kind = st[0]
@@ -652,8 +652,6 @@ class _Comparer:
         if ta is None or tb is None:
             # not math: text answers compare case- and space-insensitively
             return a.replace(" ", "").lower() == b.replace(" ", "").lower()
-        if ta == tb:  # the same tree written differently (`\\infty` and `\\infty `, `inf`)
-            return True
         decimal = has_decimal(ta) or has_decimal(tb)
         try:
             qa, qb = exact_value(ta), exact_value(tb)
