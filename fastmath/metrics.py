@@ -3,7 +3,7 @@ and the samples.jsonl / summary.json formats. Pure Python; no torch.
 
 Contract used by the sampler (`fastmath sample`), `fastmath grade` and the reproduction script:
 
-    grade_problem(completions, reference_answer, greedy_completion=None, grader=None) -> dict
+    grade_problem(completions, reference_answer, greedy_completion=None, grader=None, extract="strict") -> dict
         keys: reference_answer (extracted when a full solution was given), extracted_answers [str|None],
         verdicts [bool], num_correct, majority_answer (str|None), majority_count, majority_correct,
         no_answer; and greedy_extracted_answer, greedy_correct when greedy_completion is given.
@@ -103,11 +103,12 @@ def _looks_like_solution(text):
     return "\\boxed" in text or "\\fbox" in text or "####" in text or "answer is" in text.lower()
 
 
-def grade_problem(completions, reference_answer, greedy_completion=None, grader=None):
+def grade_problem(completions, reference_answer, greedy_completion=None, grader=None, extract="strict"):
     """Extract and grade the answers of one problem's completions; see the module docstring for the keys.
 
     `reference_answer` may be the final answer ("18", "\\frac{1}{2}") or a full reference solution
-    (GSM8K "... #### 18", MATH "... \\boxed{...}"), whose final answer is then extracted.
+    (GSM8K "... #### 18", MATH "... \\boxed{...}"), whose final answer is then extracted (always strictly).
+    `extract` is extract_answer's mode for the completions: "strict" or "flexible".
     """
     grader = grader or default_grader()
     ref = reference_answer
@@ -115,7 +116,7 @@ def grade_problem(completions, reference_answer, greedy_completion=None, grader=
         ref = str(ref)
     if isinstance(ref, str) and _looks_like_solution(ref):
         ref = extract_answer(ref) or ref
-    answers = [extract_answer(c) for c in completions]
+    answers = [extract_answer(c, extract) for c in completions]
     verdicts = grader.equiv_many([(a, ref) for a in answers]) if ref else [False] * len(answers)
     verdicts = [bool(a is not None and v) for a, v in zip(answers, verdicts)]
 
@@ -134,7 +135,7 @@ def grade_problem(completions, reference_answer, greedy_completion=None, grader=
         "no_answer": sum(a is None for a in answers),
     }
     if greedy_completion is not None:
-        g = extract_answer(greedy_completion)
+        g = extract_answer(greedy_completion, extract)
         out["greedy_extracted_answer"] = g
         out["greedy_correct"] = bool(g is not None and ref and grader.equiv(g, ref))
     return out

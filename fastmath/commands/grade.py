@@ -10,6 +10,7 @@ REFERENCE_KEYS = ("reference_answer", "answer", "gt", "ground_truth", "target", 
 ID_KEYS = ("id", "idx", "problem_id", "unique_id", "index")
 QUESTION_KEYS = ("question", "problem", "prompt", "query")
 TOKEN_KEYS = ("token_counts", "num_tokens", "output_lengths")
+NO_ANSWER_HINT = 0.2  # above this share of missing answers, strict grading suggests --extract flexible
 
 
 def _first(rec, keys):
@@ -66,7 +67,10 @@ def read_problem(rec):
               help="Worker processes for the symbolic (sympy) slow path of answer equivalence.")
 @click.option("--timeout", type=click.FloatRange(0.1, 600), default=3.0, show_default=True,
               help="Seconds per symbolic comparison before it is abandoned (graded as not equal).")
-def command(samples, out, workers, timeout):
+@click.option("--extract", type=click.Choice(["strict", "flexible"]), default="strict", show_default=True,
+              help="Answer extraction: strict takes only marked answers (\"The answer is\", ####, \\boxed{}, "
+                   "\"Final answer:\"); flexible falls back to the last number or $...$ span when there is none.")
+def command(samples, out, workers, timeout, extract):
     """Re-grade SAMPLES.jsonl and write the same summary.json as `fastmath sample`.
 
     SAMPLES holds one JSON object per problem: fastmath's own samples.jsonl, or another engine's output with
@@ -100,7 +104,7 @@ def command(samples, out, workers, timeout):
     records, has_tokens = [], True
     try:
         for lineno, rec, comps, ref, tokens in tqdm(problems, desc="grading", unit="problem"):
-            graded = grade_problem(comps, ref, rec.get("greedy_completion"), grader=grader)
+            graded = grade_problem(comps, ref, rec.get("greedy_completion"), grader=grader, extract=extract)
             graded["token_counts"] = tokens if tokens is not None else []
             has_tokens &= tokens is not None
             if isinstance(rec.get("greedy_token_count"), int):
@@ -121,6 +125,7 @@ def command(samples, out, workers, timeout):
         previous = previous if isinstance(previous, dict) else {}
     summary = summarize(records, seconds=previous.get("seconds"))
     summary["malformed_lines"] = bad
+    summary["extract"] = extract
     for key, value in previous.items():  # e.g. model, data, temperature written by `fastmath sample`
         summary.setdefault(key, value)
     validate(summary, "summary")
@@ -137,6 +142,9 @@ def command(samples, out, workers, timeout):
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {100 * value:6.2f}%")
+    if extract == "strict" and summary["no_answer_rate"] > NO_ANSWER_HINT:
+        click.echo(f"hint: {100 * summary['no_answer_rate']:.0f}% of the completions have no marked answer; "
+                   "if the model does not write one, try --extract flexible")
     if not has_tokens:
         click.echo("(no token counts in the input: generated_tokens counts only the lines that had them)")
     click.echo(f"wrote {out}")
