@@ -73,3 +73,27 @@ def test_nothing_gradable_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(command, [str(path)])
     assert result.exit_code != 0
     assert "no gradable lines" in result.output
+
+
+def test_extract_modes(tmp_path):
+    # completions without a marked answer: strict misses them (and hints at flexible), flexible grades them
+    lines = [json.dumps({"question": "q", "answer": "7", "outputs": ["3 + 4 gives 7 in total.", "so the result is 8",
+                                                                  "The answer is: 7"]}),
+             json.dumps({"question": "q", "answer": "\\frac34", "outputs": ["which gives $\\frac{3}{4}$.",
+                                                                          "#### 0.75", "I am not sure"]})]
+    path = tmp_path / "other.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    summaries = {}
+    for mode in ("strict", "flexible"):
+        out = tmp_path / f"{mode}.json"
+        args = [str(path), "--out", str(out), "--workers", "1"] + (["--extract", mode] if mode != "strict" else [])
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 0, result.output
+        summaries[mode] = s = json.loads(out.read_text())
+        validate(s, "summary")
+        assert s["extract"] == mode
+        assert ("--extract flexible" in result.output) == (mode == "strict")  # 4 of 6 missing > 20%
+    assert summaries["strict"]["no_answer_rate"] == 4 / 6 and summaries["strict"]["pass_ratio"] == 1 / 3
+    assert summaries["flexible"]["no_answer_rate"] == 1 / 6 and summaries["flexible"]["pass_ratio"] == 2 / 3
+    bad = CliRunner().invoke(command, [str(path), "--extract", "loose"])
+    assert bad.exit_code != 0 and "loose" in bad.output

@@ -50,6 +50,12 @@ def _hostile(sentinel):
         "\\boxed{" * 100_000,
         "1/0", "0/0", "\\frac{1}{0}", "0^{-1}", "\\infty-\\infty", "\\log 0",
         "\x00\x01\x02", "\\" * 1000, "^^^^", "\\frac", "\\sqrt", "()", "[,]", "\\{\\}", "=",
+        # the relation, named-value, approximation, word-list, \pm and array paths (issue #12)
+        "x<" * 900 + "1", "<" * 1900, "\\ge" * 600, "1 \\ne 2 \\ne 3", "x \\in " * 300, "(a,b)=" * 300 + "(1,2)",
+        "f(x)=" * 300 + "1", "\\approx" * 600, "1 \\approx " * 300, " and ".join(["1"] * 400), "\\pm" * 600,
+        "\\pm 1," * 300, "\\left[\\begin{array}{c}" * 100 + "\\end{array}\\right]" * 100,
+        "\\left[\\begin{array}{c}" + "1\\\\" * 500 + "\\end{array}\\right]", "12,\\!" * 500 + "345",
+        "x \\ge 10^{10^{10^{10}}}", "9**9**9**9 \\approx 1", "\\pm 9^{9^{9^{9}}}", "-10^{10^{10}} < x \\le 9**9**9**9",
     ]
 
 
@@ -89,9 +95,11 @@ def test_parser_refuses_code_and_depth():
 
 
 def test_hostile_completions_extract_safely():
-    for text in ["\\boxed{" * 100_000, "The answer is " * 50_000, "#### " * 50_000, "x" * 1_000_000]:
+    for text, mode in [(t, m) for t in ["\\boxed{" * 100_000, "The answer is " * 50_000, "#### " * 50_000,
+                                        "x" * 1_000_000, "Final answer is " * 50_000, "$" * 500_000]
+                       for m in ("strict", "flexible")]:
         t = time.perf_counter()
-        out = extract_answer(text)
+        out = extract_answer(text, mode)
         assert out is None or isinstance(out, str)
         assert time.perf_counter() - t < 5.0
 
