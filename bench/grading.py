@@ -10,6 +10,13 @@ subset of the same pairs: it is ~4 ms per pair), and each grader's accuracy agai
     .venv/bin/python bench/grading.py [--problems 1000] [--samples 256] [--mv-pairs 3000] [--workers 2]
 
 Writes bench/results/grading.json and grading.md (or $FASTMATH_BENCH_OUT).
+
+    .venv/bin/python bench/grading.py --baseline main [--repeats 3]
+
+instead times this checkout's grader against fastmath/grading.py + _latex.py of git commit `main`, loaded side
+by side from a temporary folder, in the same process on the same pairs, alternating old and new runs (their
+median is reported; the sympy worker processes, 0.04% of the pairs, are this checkout's for both). Writes
+grading_baseline.json and grading_baseline.md.
 """
 import argparse
 import datetime
@@ -89,8 +96,27 @@ def make_pairs(refs, samples, seed):
     return problems
 
 
-def run_fastmath(problems, cache, workers):
-    from fastmath.grading import Grader
+def load_baseline(ref):
+    """fastmath/grading.py and _latex.py of git commit `ref`, imported as the package fastmath_base."""
+    import importlib
+    import subprocess
+    import tempfile
+
+    pkg = Path(tempfile.mkdtemp(prefix="fastmath_base_")) / "fastmath_base"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("grading.py", "_latex.py"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:fastmath/{name}"], capture_output=True,
+                              text=True, check=True).stdout
+        (pkg / name).write_text(text)
+    sys.path.insert(0, str(pkg.parent))
+    return importlib.import_module("fastmath_base.grading")
+
+
+def run_fastmath(problems, cache, workers, grading=None):
+    if grading is None:
+        import fastmath.grading as grading
+    Grader = grading.Grader
 
     g = Grader(workers=workers, cache=cache)
     g.equiv("\\sqrt{8}", "2\\sqrt{2}")  # start the worker pool outside the timing
@@ -99,11 +125,11 @@ def run_fastmath(problems, cache, workers):
     if g.comparer.parse_cache is not None:
         g.comparer.parse_cache.clear()
     verdicts = []
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for ref, picks in problems:  # one call per problem, as the sampler does
         verdicts += g.equiv_many([(a, ref) for a, _ in picks])
     seconds = time.perf_counter() - t
-    stats = dict(g.stats, timeouts=g.pool.timeouts)
+    stats = dict(g.stats, timeouts=g.pool.timeouts, cpu_seconds=time.process_time() - cpu)
     g.close()
     return verdicts, seconds, stats
 
@@ -130,6 +156,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--out", default=os.environ.get("FASTMATH_BENCH_OUT", str(ROOT / "bench" / "results")),
                     help="output folder")
+    ap.add_argument("--baseline", default=None, metavar="REF",
+                    help="time this checkout's grader against git commit REF's on the same pairs (no math-verify)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating old/new runs with --baseline")
     args = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"{DATA} not found: this benchmark needs ../shared/data/math_test_1000.jsonl")
@@ -144,6 +173,9 @@ def main():
     n = len(flat)
     print(f"{len(problems)} problems x {args.samples} samples = {n} comparisons "
           f"({sum(labels)} labelled equal, {n - sum(labels)} near misses)", flush=True)
+
+    if args.baseline:
+        return compare_baseline(args, problems, labels, n)
 
     res = {}
     for name, cache in (("fastmath_cache", True), ("fastmath_nocache", False)):
@@ -216,6 +248,62 @@ def main():
     ]
     (outdir / "grading.md").write_text("\n".join(md_lines) + "\n")
     print("\n".join(md_lines[6:]))
+
+
+def compare_baseline(args, problems, labels, n):
+    """Old (git REF) against new grading on the same pairs, alternating runs; medians and the ratio."""
+    import statistics
+
+    import fastmath.grading as new
+
+    old = load_baseline(args.baseline)
+    load = os.getloadavg()
+    seconds = {(v, c): [] for v in ("old", "new") for c in ("cache", "nocache")}
+    cpu_seconds = {k: [] for k in seconds}  # this process only: less sensitive to other jobs on a shared box
+    accuracy = {}
+    for rep in range(args.repeats):
+        for cache in (False, True):
+            for version, module in (("old", old), ("new", new)) if rep % 2 == 0 else (("new", new), ("old", old)):
+                v, sec, stats = run_fastmath(problems, cache, args.workers, module)
+                key = (version, "cache" if cache else "nocache")
+                seconds[key].append(sec)
+                cpu_seconds[key].append(stats["cpu_seconds"])
+                accuracy[key] = sum(a == b for a, b in zip(v, labels)) / n
+                print(f"{version} {key[1]}: {n / sec:,.0f} cmp/s, accuracy {accuracy[key]:.5f}", flush=True)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_seconds.items()}
+    res = {f"{v}_{c}": {"seconds": seconds[(v, c)], "median_seconds": med[(v, c)],
+                        "cpu_seconds": cpu_seconds[(v, c)], "median_cpu_seconds": med_cpu[(v, c)],
+                        "comparisons_per_second": n / med[(v, c)], "accuracy": accuracy[(v, c)]}
+           for v, c in seconds}
+    ratio = {c: med[("old", c)] / med[("new", c)] for c in ("cache", "nocache")}  # new throughput / old
+    ratio_cpu = {c: med_cpu[("old", c)] / med_cpu[("new", c)] for c in ("cache", "nocache")}
+    out = {
+        "benchmark": "grading_baseline", "date": datetime.date.today().isoformat(),
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
+        "versions": {"python": platform.python_version()}, "baseline": args.baseline,
+        "command": "python bench/grading.py " + " ".join(sys.argv[1:]),
+        "problems": len(problems), "samples": args.samples, "comparisons": n, "repeats": args.repeats,
+        "results": res, "throughput_new_over_old": ratio, "throughput_new_over_old_cpu_time": ratio_cpu,
+    }
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "grading_baseline.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [
+        "# Grading throughput: this checkout against " + args.baseline, "",
+        f"{out['date']}, {out['hardware']}, Python {platform.python_version()}, load average "
+        f"{load[0]:.2f} at start, {out['load_average_at_end'][0]:.2f} at end. Command: `{out['command']}`.", "",
+        f"{len(problems)} MATH problems x {args.samples} samples = {n:,} comparisons, the same pairs for both; "
+        f"{args.repeats} alternating runs each, median.", "",
+        "| grader | old cmp/s | new cmp/s | new / old (wall) | new / old (CPU time) | accuracy old, new |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in ("cache", "nocache"):
+        md.append(f"| cache {'on' if c == 'cache' else 'off'} | {n / med[('old', c)]:,.0f} | {n / med[('new', c)]:,.0f} "
+                  f"| {ratio[c]:.3f} | {ratio_cpu[c]:.3f} | {accuracy[('old', c)]:.4%}, {accuracy[('new', c)]:.4%} |")
+    (outdir / "grading_baseline.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[6:]))
 
 
 if __name__ == "__main__":

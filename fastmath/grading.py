@@ -251,6 +251,14 @@ _SYMBOL_FORM = {"\\geqslant": "\\ge ", "\\geq": "\\ge ", "\\ge": "\\ge ", ">=": 
                 "\\leqslant": "\\le ", "\\leq": "\\le ", "\\le": "\\le ", "<=": "\\le ", "≤": "\\le ", "⩽": "\\le ",
                 "\\neq": "\\ne ", "\\ne": "\\ne ", "!=": "\\ne ", "≠": "\\ne ", "\\gt": ">", "\\lt": "<",
                 "±": "\\pm ", "∓": "\\mp ", "≈": "\\approx ", "∞": "\\infty ", "∈": "\\in "}
+_FRAC = re.compile(r"\\[dtc]frac(?![a-zA-Z])")
+_BINOM = re.compile(r"\\[dt]binom(?![a-zA-Z])")
+
+
+def _symbol_form(m):
+    return _SYMBOL_FORM[m.group()]
+
+
 _SEP_WORDS = re.compile(r",? (?:and|or) ")  # "3 and 9", "1, 2, and 3", "x=2 or x=-2" are lists
 
 
@@ -268,14 +276,21 @@ def normalize_answer(s):
         s = re.sub(r"\{\s*,\s*\}", ",", s)
     if s.startswith("\\(") and s.endswith("\\)") or s.startswith("\\[") and s.endswith("\\]"):
         s = s[2:-2]
-    s = _LEFT_RIGHT.sub("", s)
-    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
-    s = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", s)
-    s = _SPACING.sub(" ", s)
-    s = _DEGREES.sub("", s)
-    s = _SYMBOLS.sub(lambda m: _SYMBOL_FORM[m.group()], s)
-    s = s.replace("\\%", "").replace("%", "")
-    for _ in range(4):
+    # the LaTeX rewrites only run when there is LaTeX (most answers are plain numbers)
+    latex = "\\" in s
+    if latex:
+        s = _LEFT_RIGHT.sub("", s)
+        s = _FRAC.sub(r"\\frac", s)
+        s = _BINOM.sub(r"\\binom", s)
+    if latex or "~" in s:
+        s = _SPACING.sub(" ", s)
+    if latex or "°" in s:
+        s = _DEGREES.sub("", s)
+    if latex or "<" in s or ">" in s or "!" in s or not s.isascii():
+        s = _SYMBOLS.sub(_symbol_form, s)
+    if "%" in s:
+        s = s.replace("\\%", "").replace("%", "")
+    for _ in range(4 if latex else 0):
         s2 = _TEXT_CMD.sub(r" \1 ", s)
         if s2 == s:
             break
@@ -351,6 +366,7 @@ _NAMED_LHS = re.compile(
 )
 _SIMPLE_NAME = re.compile(rf"[a-zA-Z](?:_\{{?\w+\}}?)?|\\(?:{_GREEK_NAME})")
 _RELATION = re.compile(r"\\(?:le|ge|ne|in)(?![a-zA-Z])|<|>")
+_IN = re.compile(r"\\in(?![a-zA-Z])")
 _PM = re.compile(r"\\(?:pm|mp)(?![a-zA-Z])")
 _FLIP = {">": "<", "\\ge": "\\le"}
 
@@ -396,7 +412,7 @@ def _structure(s, depth=0):
             if _NAMED_LHS.fullmatch(head):
                 return ("eq", head, parts[-1].strip())
             return _structure(head, depth + 1)
-    if "\\in" in s:
+    if "\\in" in s and _IN.search(s):
         parts = _split_top(s, "\\in")
         if parts and len(parts) == 2 and _NAMED_LHS.fullmatch(parts[0].strip()) and parts[1].strip():
             return ("in", parts[0].strip(), parts[1].strip())
