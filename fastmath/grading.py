@@ -2,7 +2,10 @@
 
 Public contract (used by the sampler, `fastmath grade`, synth and the benchmarks):
 
-    extract_answer(text) -> str | None   the final answer of a completion or a reference solution
+    extract_answer(text, mode="strict") -> str | None   the final answer of a completion or a reference
+                                         solution; mode "flexible" adds lm-eval/math-verify's last-number /
+                                         last-math-span fallback
+    last_boxed(text) -> str | None       the content of the last non-empty \\boxed{} (also fastmath.data's)
     is_equiv(pred, ref) -> bool          never raises, never hangs, never executes the text
     Grader(workers=2, timeout=3.0, cache=True)   the same with its own cache/worker pool; .equiv(pred, ref),
                                          .equiv_many([(pred, ref), ...]) (slow cases run in parallel), .stats
@@ -12,10 +15,15 @@ How `is_equiv` decides (first that applies):
   1. non-strings or empty answers are never equal; inputs over MAX_CHARS (2,000) characters are only
      compared as normalised strings;
   2. normalised strings equal (LaTeX spacing, \\left/\\right, \\dfrac, \\text{}, units words, ^\\circ, \\%, $,
-     thousands separators `1,000`, `1{,}000`, `10,\\!080` are all normalised away);
-  3. structure: multiple-choice letters; `x=5` vs `5`; equations; tuples and intervals (brackets must
-     match, element by element); unordered lists `1,2` and sets `\\{1,2\\}`; unions of intervals; matrices;
-     numbers with a base subscript `25_6`;
+     thousands separators `1,000`, `1{,}000`, `10,\\!080`, `12,\\! 345`, `12{, }345` are all normalised away;
+     `\\geq`, `\\ge`, `>=`, `≥` become one spelling, likewise `\\le` and `\\ne`/`!=`; "and"/"or" between items
+     become commas);
+  3. structure: multiple-choice letters; named values `x=5`, `f(t)=3t-2`, `(m,n)=(4,1)`, `k \\in (0,5]` vs
+     the bare value (an equation such as `t^2-9=0` is not a named value); equations; relations side by side
+     with `>` chains reversed (`2 < y` = `y > 2`), and a one-variable inequality as its interval (`y \\ge 2` =
+     `[2, \\infty)`); a trailing `\\approx 0.143` dropped; `a \\pm b` as the list `a+b, a-b`; tuples and
+     intervals (brackets must match, element by element); unordered lists `1,2` and sets `\\{1,2\\}`; unions
+     of intervals; matrices (pmatrix, bmatrix, a bracketed array); numbers with a base subscript `25_6`;
   4. each scalar pair is parsed by a whitelisted recursive-descent parser (fastmath/_latex.py) into a tuple
      tree, never by eval/sympify/parse_expr. Two rational values compare exactly as Fractions (`8^6` =
      `262144`, `\\frac{1}{2004!}` != `\\frac{1}{2006!}`). A relative tolerance of 1e-4 applies only when a
@@ -29,7 +37,7 @@ How `is_equiv` decides (first that applies):
 Verdicts are cached per (normalised pred, normalised ref). Bounded time: parsing and exact arithmetic are
 bounded by MAX_CHARS, the parser's depth/token limits and the exact evaluator's size limits; the slow path
 is bounded by `timeout` (3 s by default) plus, on the first slow call of a process, the workers' start-up
-(about 1-2 s). `is_equiv` is symmetric except for multiple-choice answers and `x=5` forms (ref decides).
+(about 1-2 s). `is_equiv` is symmetric except for multiple-choice answers (ref decides).
 """
 import atexit
 import json
@@ -383,7 +391,9 @@ def _split_relations(s):
             sides.append(s[start: m.start()].strip())
             ops.append(m.group())
             start = m.end()
-    if not ops:
+    for ch in s[k:]:
+        depth += (ch in _OPEN) - (ch in _CLOSE)
+    if not ops or depth != 0:
         return None
     sides.append(s[start:].strip())
     return sides, ops
