@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .grading import last_boxed as _grading_last_boxed
+# grading's \boxed{} reader is the only one, so training data and grading agree on a MATH solution's answer
+from .grading import last_boxed  # noqa: F401
 
 IGNORE = -100  # label of positions with no target (cross-entropy ignore_index)
 
@@ -74,11 +75,6 @@ def gsm8k_response(answer: str) -> tuple[str, str]:
     final = final.strip().replace(",", "")
     body = _CALC.sub("", body).rstrip()
     return (body + "\n" if body else "") + ANSWER_PREFIX + final, final
-
-
-# The one reader of \boxed{} answers is fastmath.grading's, so training data and grading agree on what a MATH
-# solution's answer is (an empty last box is skipped, `\boxedx` is not a box).
-last_boxed = _grading_last_boxed
 
 
 def math_response(solution: str) -> tuple[str, str]:

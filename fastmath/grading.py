@@ -105,9 +105,6 @@ def last_boxed(text):
     return None
 
 
-_last_boxed = last_boxed  # the name used before it became public
-
-
 def _clean(ans):
     """Strip $, \\( \\), trailing periods and trailing unit words from an extracted answer."""
     ans = ans.strip()
