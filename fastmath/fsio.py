@@ -233,6 +233,7 @@ class _Budget:
         self.bytes = 0
         self.calls = 0
         self.tripped = None  # the path of the first write that failed
+        self.log = []  # the path of every write call, in order (tests pick the K-th call by file)
 
     def fail(self, name):
         self.tripped = self.tripped or name
@@ -248,6 +249,7 @@ class _FaultyFile:
     def write(self, data):
         b = self._budget
         b.calls += 1
+        b.log.append(self._name)
         if b.tripped or (b.at_call is not None and b.calls >= b.at_call):
             b.fail(self._name)
         size = len(data) if isinstance(data, str) else memoryview(data).nbytes
@@ -288,8 +290,9 @@ def fail_writes(root, after_bytes: int | None = None, at_call: int | None = None
         at_call: the K-th write call (1-based, counted over all files under root) and every later one fail.
         err: errno.ENOSPC, errno.EIO, errno.ENOENT (a vanished directory), ...
     Yields:
-        the budget: .bytes and .calls written so far, .tripped = the path of the first failed write or
-        None. With neither limit set nothing fails, which counts the calls and bytes of a clean run.
+        the budget: .bytes and .calls written so far, .log = the path of each write call, .tripped = the
+        path of the first failed write or None. With neither limit set nothing fails, which maps the writes
+        of a clean run (to choose where to fail the next one).
     """
     root = os.path.abspath(root)
     budget = _Budget(after_bytes, at_call, err)

@@ -819,7 +819,8 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                    dynamic_ncols=True)
         t0, grading = time.perf_counter(), 0.0  # tokens/s counts sampling time only, not grading
         unchecked = False
-        with fsio.AppendFile(shard, hint=io.RESUME_HINT) as f:  # whole lines only; a full disk: StorageError
+        # whole lines only (a full disk: StorageError, after the bar is closed)
+        with fsio.AppendFile(shard, hint=io.RESUME_HINT) as f, bar:
             for res in sampler.run(prompts, params, indices=[p.index for p in mine]):
                 tg = time.perf_counter()
                 p = by_index[res.index]
