@@ -711,7 +711,11 @@ def _train(cfg: TrainConfig, resume, dry_run: bool, log, resume_overrides: dict,
     elif resume:
         say(f"{run_dir}: no checkpoint yet; starting it from step 0")
     metrics_path = run_dir / "metrics.jsonl"
-    if dist_.is_main:
+    if dist_.is_main:  # a checkpoint holds the weights twice (HF + trainer state) and Adam's two moments
+        need, free = 4 * sum(p.numel() * p.element_size() for p in model.parameters()), fsio.free_bytes(run_dir)
+        if need > free:
+            say(f"warning: a checkpoint needs about {fsio.human_bytes(need)} but only {fsio.human_bytes(free)} is "
+                f"free on the file system of {run_dir}; the run will stop at its first checkpoint unless space is freed")
         if not resume:
             write_json_atomic(run_dir / "config.json", {"config": dataclasses.asdict(cfg), "versions": versions(),
                                                         "model_args": dataclasses.asdict(args), "steps": total_steps,
@@ -720,7 +724,7 @@ def _train(cfg: TrainConfig, resume, dry_run: bool, log, resume_overrides: dict,
         # Keep only metrics up to the resumed step, so the file reads like one uninterrupted run (a line cut
         # short by a full disk or a crash is dropped).
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [ln for ln in lines if _json_or_none(ln) is not None and json.loads(ln).get("step", 0) <= start_step]
+        kept = [ln for ln in lines if (rec := _json_or_none(ln)) is not None and rec.get("step", 0) <= start_step]
         fsio.atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))
         # Temporary directories of a save that was cut short are never read; they only hold disk space.
         for stale in [*(run_dir / "checkpoints").glob(".tmp_step_*"), run_dir / ".tmp_final"]:
@@ -967,6 +971,8 @@ def _train(cfg: TrainConfig, resume, dry_run: bool, log, resume_overrides: dict,
             plot_loss_curve(metrics_path, run_dir / "loss.png", title=f"fastmath train: {cfg.model} ({run_dir.name})")
         except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it
             say(f"loss.png skipped: {e}")
+        except fsio.StorageError as e:
+            raise fsio.StorageError(f"{e}; training finished and {last_good_sentence()}") from None
         say(format_summary(summary))
     dist_mod.teardown(dist_)
     return summary

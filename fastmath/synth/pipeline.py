@@ -427,8 +427,7 @@ class _Sink:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
         except OSError as e:
-            raise write_failed(self.paths.get(kind, f.name), e, hint="every reply is safe in the journal; free "
-                               "some space and rerun the same command to resume") from None
+            raise write_failed(self.paths.get(kind, f.name), e) from None
 
     def record(self, rec):
         self._write(self.records_f, "records", rec)
@@ -517,11 +516,12 @@ def run_synth(cfg, api_key):
             state.on_reply(entry)
             replayed += 1
         state.rebuild_queue()
-    except StorageError:  # the copies are half-written: never swap them in
+    except StorageError as e:  # the copies are half-written: never swap them in
         for f, k in ((records_f, "records"), (rejects_f, "rejects")):
             _close_quietly(f)
             tmp[k].unlink(missing_ok=True)
-        raise
+        raise StorageError(f"{e}; every reply is safe in the journal: free some space and rerun the same command "
+                           "to resume") from None
     for k in ("records", "rejects"):
         (records_f if k == "records" else rejects_f).flush()
         os.replace(tmp[k], paths[k])
@@ -614,9 +614,12 @@ async def _run_live(state, client, journal, cfg, price, n_target):
                 try:
                     journal.append(entry)  # on disk before it is parsed
                 except StorageError as e:
-                    raise SynthError(await _journal_failed(e, entry, task, done, in_flight)) from None
+                    raise SynthError(await _stop_after_write_failure(e, entry, task, done, in_flight)) from None
                 kept = state.kept
-                state.on_reply(entry)
+                try:
+                    state.on_reply(entry)
+                except StorageError as e:  # a record or reject: this reply is journaled, later ones may not be
+                    raise SynthError(await _stop_after_write_failure(e, None, task, done, in_flight)) from None
                 bar.update(state.kept - kept)
                 postfix()
             if fatal is not None:
@@ -631,19 +634,26 @@ async def _run_live(state, client, journal, cfg, price, n_target):
     return stopped
 
 
-async def _journal_failed(error, entry, task, done, in_flight) -> str:
-    """Stop at once (no further request is sent), and say which paid-for replies could not be saved."""
-    unsaved = [entry] + [t for t in done if t is not task and t in in_flight and t.exception() is None]
-    tokens = entry["prompt_tokens"] + entry["completion_tokens"]
+async def _stop_after_write_failure(error, entry, task, done, in_flight) -> str:
+    """Stop at once (no further request is sent) and say which paid-for replies could not be saved: `entry`
+    (the reply whose journal line failed, or None) and the other replies received with it."""
+    unsaved = ([entry] if entry else []) + [t for t in done if t is not task and t in in_flight
+                                            and not t.cancelled() and t.exception() is None]
     for t in in_flight:
         t.cancel()
     await asyncio.gather(*in_flight, return_exceptions=True)
     n, cancelled = len(unsaved), len([t for t in in_flight if t not in done])
     in_flight.clear()
-    return (f"{error}; stopped before sending more requests: {n} paid-for repl{'y' if n == 1 else 'ies'} (item "
-            f"{entry['item']} {entry['kind']}, {tokens} tokens{', and others' if n > 1 else ''}) could not be saved "
-            f"and will be asked again, {cancelled} request(s) in flight were cancelled; free some space and rerun "
-            "the same command to resume from the journal")
+    if n == 0:
+        lost = "every reply received is safe in the journal"
+    else:
+        lost = f"{n} paid-for repl{'y' if n == 1 else 'ies'}"
+        if entry:
+            lost += (f" (item {entry['item']} {entry['kind']}, {entry['prompt_tokens'] + entry['completion_tokens']} "
+                     f"tokens{', and others' if n > 1 else ''})")
+        lost += " could not be saved and will be asked again"
+    return (f"{error}; stopped before sending more requests: {lost}, {cancelled} request(s) in flight were "
+            "cancelled; free some space and rerun the same command to resume from the journal")
 
 
 def _report(state, cfg, paths, n_target, max_items, price, stopped, error, retries, seconds, resumed, decontam_sizes):
