@@ -212,7 +212,7 @@ def repair_tail(path: Path) -> None:
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        os.truncate(path, data.rfind(b"\n") + 1)  # in place: rewriting could lose the file on a failing disk
 
 
 def merge_shards(out: Path) -> list[dict]:
