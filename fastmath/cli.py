@@ -51,8 +51,8 @@ class LazyGroup(click.Group):
             if type(e).__name__ == "CheckpointError":  # fastmath.checkpoint, not imported here: it needs torch
                 raise click.ClickException(str(e)) from None
             cause = storage_cause(e)
-            if isinstance(cause, OSError) and cause.filename:  # a writer not wrapped yet: still one sentence
-                raise click.ClickException(f"could not write {cause.filename}: {(cause.strerror or str(cause)).lower()}") from None
+            if isinstance(cause, OSError) and cause.filename:  # a path not wrapped by fsio: still one sentence
+                raise click.ClickException(f"{cause.filename}: {(cause.strerror or str(cause)).lower()}") from None
             raise
 
     def format_commands(self, ctx, formatter):
