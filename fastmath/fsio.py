@@ -40,32 +40,35 @@ class StorageError(RuntimeError):
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(n) < 1000:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
 
 
-def storage_cause(exc: BaseException | None) -> BaseException | None:
-    """The storage failure behind `exc` (itself, its cause/context, or a rank's failure wrapped by
-    torch.distributed.checkpoint), or None when `exc` is not about storage."""
+def _chain(exc: BaseException | None):
+    """exc, its causes/contexts, and the per-rank failures torch.distributed.checkpoint wraps (depth first)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, StorageError):
-            return exc
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            return exc
+        yield exc
         failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
         if isinstance(failures, dict):
             for pair in failures.values():
-                inner = storage_cause(pair[0] if isinstance(pair, tuple) else pair)
-                if inner is not None:
-                    return inner
-        if isinstance(exc, (RuntimeError, OSError)) and any(h in str(exc).lower() for h in _NATIVE_HINTS):
-            return exc
+                yield from _chain(pair[0] if isinstance(pair, tuple) else pair)
         exc = exc.__cause__ or exc.__context__
+
+
+def storage_cause(exc: BaseException | None) -> BaseException | None:
+    """The storage failure behind `exc`, or None when `exc` is not about storage: a StorageError or an
+    OSError with a storage errno anywhere in its chain, else a native writer's message that says so."""
+    for e in _chain(exc):
+        if isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno in STORAGE_ERRNOS):
+            return e
+    for e in _chain(exc):
+        if isinstance(e, (RuntimeError, OSError)) and any(h in str(e).lower() for h in _NATIVE_HINTS):
+            return e
     return None
 
 

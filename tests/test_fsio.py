@@ -89,6 +89,13 @@ def test_storage_cause_sees_through_wrappers():
     assert fsio.storage_cause(wrapped) is disk and fsio.reason(wrapped) == "no space left on device"
     native = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 466")
     assert fsio.storage_cause(native) is native and "cut short" in fsio.reason(native)
+    try:  # a native message over a real OSError: the OSError's errno wins
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError as e:
+            raise RuntimeError("unexpected pos 1 vs 0") from e
+    except RuntimeError as e:
+        assert fsio.reason(e) == "input/output error"
     assert fsio.storage_cause(ValueError("bad value")) is None
     assert fsio.storage_cause(OSError(errno.EACCES, "Permission denied")) is None
 
