@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .model import Transformer
 SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                "BOOL": torch.bool}
+SAFE_NAMES = {v: k for k, v in SAFE_DTYPES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
 
@@ -246,17 +246,51 @@ def _shard(state: dict, max_shard_bytes: int) -> list[dict]:
     return shards
 
 
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """One .safetensors file (8-byte header length, JSON header padded to 8 bytes, raw little-endian data),
+    written with plain Python writes and fsynced, so a full disk surfaces as an OSError naming the file."""
+    # the data in safetensors' own order (wider dtypes first, then by name): the same bytes as its save_file
+    tensors = dict(sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])))
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_path=None, dtype=None,
                     max_shard_size: int = 5 * 2**30, state_dict: dict | None = None) -> Path:
-    """Write `model` as a Hugging Face LLaMA directory.
+    """Write `model` as a Hugging Face LLaMA directory (every file fsynced; callers that need the directory
+    to appear all at once write it under a temporary name and rename it, as the trainer does).
 
     Args:
         tokenizer_path: a SentencePiece model copied in as tokenizer.model (and its tokenizer_config.json).
         dtype: dtype of the stored weights (default: the model's).
         max_shard_size: bytes per safetensors shard; larger models are sharded with an index file.
         state_dict: the full (unsharded) state dict, when `model` itself is sharded (FSDP).
+    Raises:
+        OSError: the disk is full or failing (the directory is then incomplete).
     """
-    from safetensors.torch import save_file
+    from .fsio import copy_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -273,28 +307,33 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
         tok = Tokenizer(tokenizer_path)
         tok.check_model_vocab(model.args.vocab_size)
         bos, eos = tok.bos_id, tok.eos_id
-        shutil.copyfile(tok.path, directory / "tokenizer.model")
-        with open(directory / "tokenizer_config.json", "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-                       "clean_up_tokenization_spaces": False, "legacy": False,
-                       "model_max_length": model.args.max_seq_len}, f, indent=2)
-    with open(directory / "config.json", "w") as f:
-        json.dump(args_to_hf_config(model.args, dtype, bos, eos), f, indent=2)
-    with open(directory / "generation_config.json", "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len}, f, indent=2)
+        copy_file(tok.path, directory / "tokenizer.model")
+        _write_json(directory / "tokenizer_config.json",
+                    {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                     "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+                     "clean_up_tokenization_spaces": False, "legacy": False,
+                     "model_max_length": model.args.max_seq_len})
+    _write_json(directory / "config.json", args_to_hf_config(model.args, dtype, bos, eos))
+    _write_json(directory / "generation_config.json",
+                {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len})
     shards = _shard(hf_state, max_shard_size)
     for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(directory / "model.safetensors", shards[0], metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / fname, metadata={"format": "pt"})
+            write_safetensors(directory / fname, shard, metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in hf_state.values())
-        with open(directory / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map})
     return directory
+
+
+def checkpoint_bytes(state: dict, dtype=None) -> int:
+    """Bytes of the weights of `state` stored in `dtype` (default: each tensor's own)."""
+    return sum(t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else t.element_size())
+               for t in state.values())

@@ -39,12 +39,20 @@ class LazyGroup(click.Group):
         return cmd
 
     def invoke(self, ctx):
-        # A bad checkpoint directory is the user's mistake, not a bug: one sentence, no traceback.
+        # A bad checkpoint directory is the user's mistake, not a bug, and a full or failing disk is an
+        # expected condition (fastmath.fsio): one sentence each, no traceback, exit status 1.
+        from fastmath.fsio import StorageError, storage_cause
+
         try:
             return super().invoke(ctx)
+        except StorageError as e:
+            raise click.ClickException(str(e)) from None
         except Exception as e:
             if type(e).__name__ == "CheckpointError":  # fastmath.checkpoint, not imported here: it needs torch
                 raise click.ClickException(str(e)) from None
+            cause = storage_cause(e)
+            if isinstance(cause, OSError) and cause.filename:  # a path not wrapped by fsio: still one sentence
+                raise click.ClickException(f"{cause.filename}: {(cause.strerror or str(cause)).lower()}") from None
             raise
 
     def format_commands(self, ctx, formatter):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -241,11 +242,15 @@ def default_cache_dir() -> Path:
 
 
 def _save_docs(path: Path, docs: TokenizedDocs) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=docs.tokens, offsets=docs.offsets, n_prompt=docs.n_prompt,
-                 answers=np.array(json.dumps(docs.answers)))
-    os.replace(tmp, path)  # atomic: concurrent ranks or a crash never leave a half-written cache
+    """Write a cache file atomically (concurrent ranks, a crash or a full disk never leave half a cache);
+    fsio.StorageError when it cannot be written or would not fit."""
+    from .fsio import atomic_open, check_free
+
+    answers = np.array(json.dumps(docs.answers))
+    need = docs.tokens.nbytes + docs.offsets.nbytes + docs.n_prompt.nbytes + answers.nbytes + 4096
+    check_free(path.parent, need, "the tokenization cache")
+    with atomic_open(path, "wb") as f:
+        np.savez(f, tokens=docs.tokens, offsets=docs.offsets, n_prompt=docs.n_prompt, answers=answers)
 
 
 def _load_docs(path: Path) -> TokenizedDocs:
@@ -269,8 +274,14 @@ def load_tokenized(path: str | os.PathLike, tokenizer, template: str = "vicuna",
             return _load_docs(cached), True
     docs = tokenize_examples(read_examples(path), tokenizer, template, progress=progress)
     if key is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        _save_docs(Path(cache_dir) / f"{key}.npz", docs)
+        from .fsio import StorageError, reason
+
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            _save_docs(Path(cache_dir) / f"{key}.npz", docs)
+        except (OSError, StorageError) as e:  # the cache only saves time: go on without it, and say so
+            print(f"warning: tokenization cache not written ({reason(e)}); continuing without it",
+                  file=sys.stderr, flush=True)
     return docs, False
 
 

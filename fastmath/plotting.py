@@ -32,6 +32,11 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
     ax.set_title(title or "fastmath train")
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path)
-    plt.close(fig)
+    from .fsio import atomic_open
+
+    try:
+        with atomic_open(out_path, "wb") as f:  # a full disk leaves the old plot or none, never half a PNG
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return out_path

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import data as D
+from . import fsio
 from .synth import procedural as P
 
+# Said after a failed write (fsio.StorageError): finished problems are in samples.jsonl, whole lines only.
+RESUME_HINT = "the problems finished so far are kept; free some space and rerun the same command to resume"
 DEFAULT_HELDOUT = 100  # problems of the built-in procedural held-out set when --problems is not given
 
 
@@ -166,9 +169,7 @@ def check_run_args(out: Path, args: dict) -> None:
                               "arguments to resume, or choose another --out")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(args, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    fsio.atomic_write(path, json.dumps(args, indent=2, sort_keys=True), hint=RESUME_HINT)
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -211,18 +212,14 @@ def repair_tail(path: Path) -> None:
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        os.truncate(path, data.rfind(b"\n") + 1)  # in place: rewriting could lose the file on a failing disk
 
 
 def merge_shards(out: Path) -> list[dict]:
     """Rank 0: every finished problem into samples.jsonl in data order (atomic), shards removed."""
     recs = all_records(out)
     merged = [recs[i] for i in sorted(recs)]
-    tmp = out / "samples.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in merged:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, out / "samples.jsonl")
+    fsio.atomic_write(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in merged), hint=RESUME_HINT)
     for shard in out.glob("samples.rank*-of-*.jsonl"):
         shard.unlink()
     return merged
@@ -239,7 +236,7 @@ def add_timing(out: Path, seconds: float, tokens: int) -> dict:
             pass
     t["seconds"] += seconds
     t["generated_tokens"] += int(tokens)
-    path.write_text(json.dumps(t))
+    fsio.atomic_write(path, json.dumps(t), hint=RESUME_HINT)
     return t
 
 
@@ -269,8 +266,11 @@ def plot_pass_at_k(summary: dict, path: Path, title: str = "") -> Path:
     ax.legend(loc="lower right")
     ax.set_title(title or f"{summary['problems']} problems, n={summary['n']}")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with fsio.atomic_open(path, "wb", hint=RESUME_HINT) as f:  # the old plot or a whole new one, never half a PNG
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -767,7 +767,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
     from tqdm import tqdm
 
     from . import distributed as dist_mod
-    from . import metrics
+    from . import fsio, metrics
     from . import sample_io as io
     from .checkpoint import load_model
     from .data import render_prompt
@@ -819,7 +819,8 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                    dynamic_ncols=True)
         t0, grading = time.perf_counter(), 0.0  # tokens/s counts sampling time only, not grading
         unchecked = False
-        with open(shard, "a", encoding="utf-8") as f:
+        # whole lines only (a full disk: StorageError, after the bar is closed)
+        with fsio.AppendFile(shard, hint=io.RESUME_HINT) as f, bar:
             for res in sampler.run(prompts, params, indices=[p.index for p in mine]):
                 tg = time.perf_counter()
                 p = by_index[res.index]
@@ -832,8 +833,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
                 if not metrics.validate(rec, "samples", optional=True) and not unchecked:
                     unchecked = True
                     log("jsonschema is not installed: samples.jsonl and summary.json are written without a schema check")
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+                f.append(json.dumps(rec) + "\n")
                 grading += time.perf_counter() - tg
                 elapsed = time.perf_counter() - t0 - grading
                 bar.update(1)
@@ -862,7 +862,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
         summary.update({"model": str(ckpt), "data": data_desc, "temperature": temperature, "top_p": top_p,
                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
         metrics.validate(summary, "summary", optional=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        fsio.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), hint=io.RESUME_HINT)
         try:
             io.plot_pass_at_k(summary, out_dir / "pass_at_k.png", title=f"{ckpt.parent.name}/{ckpt.name}")
         except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it

@@ -89,9 +89,9 @@ def train_tokenizer(texts: Iterable[str], output_path: str | os.PathLike, vocab_
                                  f"ids plus 3 special ones, and every distinct character needs one") from None
             raise
         data = Path(prefix + ".model").read_bytes()
-    tmp_model = output_path.with_name(output_path.name + ".tmp")
-    tmp_model.write_bytes(data)
-    os.replace(tmp_model, output_path)  # atomic: a reader never sees a half-written model
+    from .fsio import atomic_write
+
+    atomic_write(output_path, data)  # a reader (or a resumed run) never sees a half-written model
     return Tokenizer(output_path)
 
 

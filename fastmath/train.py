@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from . import fsio
 from .grading import extract_answer, is_equiv
 from .synth import procedural as P
 
@@ -203,9 +204,8 @@ def point_latest(run_dir: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """path holds the old JSON or the new one, never a part (fsio.StorageError when it cannot be written)."""
+    fsio.atomic_write_json(path, obj)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -567,14 +567,49 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, log=None) -> dict:
+# Options that change how a run uses the machine, not what it computes: a resumed run may take new values
+# (the weights, losses and data order stay bitwise those of an uninterrupted run). Every other option is the
+# run's saved config.
+RESUME_OVERRIDABLE = ("threads", "save_every", "save_minutes", "keep", "eval_every", "progress", "cache_dir")
+
+
+def check_resume_overrides(overrides: dict) -> None:
+    """ValueError naming the options that would change a resumed run's results."""
+    bad = [k for k in overrides if k not in RESUME_OVERRIDABLE]
+    if bad:
+        names = ", ".join("--" + k.replace("_", "-") for k in bad)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDABLE)
+        raise ValueError(f"--resume continues a run exactly with its saved config, and {names} would change its "
+                         f"results; drop {'it' if len(bad) == 1 else 'them'} (or start a new run); only {allowed} "
+                         "may change on resume")
+
+
+def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, log=None,
+          resume_overrides: dict | None = None) -> dict:
     """Run (or resume) a training run and return its summary (also written to run_dir/summary.json).
 
     Args:
         cfg: the options (ignored when resuming: the run's own resolved config is used).
         resume: a run directory, 'latest', or a checkpoint directory of a run, to continue exactly.
         dry_run: print parameter count, estimated memory per GPU and steps, then return.
+        resume_overrides: with `resume`, new values of RESUME_OVERRIDABLE options (threads, save_every, ...).
+    Raises:
+        fsio.StorageError: a checkpoint, export or log could not be written (full disk, I/O error); its one
+            sentence names the step, the path and the last good checkpoint to --resume from.
     """
+    closers = []  # what a failed write must close before the error leaves (progress bar, metrics, process group)
+    try:
+        return _train(cfg, resume, dry_run, log, resume_overrides or {}, closers)
+    except fsio.StorageError:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:
+                pass
+        raise
+
+
+def _train(cfg: TrainConfig, resume, dry_run: bool, log, resume_overrides: dict, closers: list) -> dict:
     import torch
 
     from . import distributed as dist_mod
@@ -586,10 +621,12 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     if resume:
         run_dir = find_run_dir(resume)
         saved = json.loads((run_dir / "config.json").read_text())
-        cfg = TrainConfig(**saved["config"])
+        check_resume_overrides(resume_overrides)
+        cfg = TrainConfig(**saved["config"]).replace(**resume_overrides)
     if cfg.cpu_offload and (cfg.device == "cpu" or not torch.cuda.is_available()):
         raise ValueError("--cpu-offload moves FSDP shards between a GPU and host memory; it needs a GPU")
     dist_ = dist_mod.init(cfg.device, fsdp_alone=cfg.cpu_offload)
+    closers.append(lambda: dist_mod.teardown(dist_))
     dev = dist_.device
     say = (log or (lambda m: print(m, flush=True))) if dist_.is_main else (lambda m: None)
     if cfg.threads:
@@ -674,49 +711,114 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     elif resume:
         say(f"{run_dir}: no checkpoint yet; starting it from step 0")
     metrics_path = run_dir / "metrics.jsonl"
-    if dist_.is_main:
+    if dist_.is_main:  # a checkpoint holds the weights twice (HF + trainer state) and Adam's two moments
+        need, free = 4 * sum(p.numel() * p.element_size() for p in model.parameters()), fsio.free_bytes(run_dir)
+        if need > free:
+            say(f"warning: a checkpoint needs about {fsio.human_bytes(need)} but only {fsio.human_bytes(free)} is "
+                f"free on the file system of {run_dir}; the run will stop at its first checkpoint unless space is freed")
         if not resume:
             write_json_atomic(run_dir / "config.json", {"config": dataclasses.asdict(cfg), "versions": versions(),
                                                         "model_args": dataclasses.asdict(args), "steps": total_steps,
                                                         "accum": accum, "world_size": dist_.world_size,
                                                         "data": prep.counts})
-        # Keep only metrics up to the resumed step, so the file reads like one uninterrupted run.
+        # Keep only metrics up to the resumed step, so the file reads like one uninterrupted run (a line cut
+        # short by a full disk or a crash is dropped).
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in lines if (rec := _json_or_none(ln)) is not None and rec.get("step", 0) <= start_step]
+        fsio.atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))
+        # Temporary directories of a save that was cut short are never read; they only hold disk space.
+        for stale in [*(run_dir / "checkpoints").glob(".tmp_step_*"), run_dir / ".tmp_final"]:
+            shutil.rmtree(stale, ignore_errors=True)
         point_latest(run_dir)
-    mfile = open(metrics_path, "a") if dist_.is_main else None
+    mfile = fsio.AppendFile(metrics_path) if dist_.is_main else None
+    if mfile:
+        closers.append(mfile.close)
+
+    def last_good_sentence() -> str:
+        if state["last_good"] is None:
+            return (f"no checkpoint was written yet; free some space, then start again with "
+                    f"`fastmath train --resume {run_dir}`")
+        return (f"the last good checkpoint is {run_dir / 'checkpoints' / ('step_%d' % state['last_good'])}; free some "
+                f"space, then continue with `fastmath train --resume {run_dir}`")
 
     def record(rec):
         if mfile:
-            mfile.write(json.dumps(rec) + "\n")
-            mfile.flush()
+            try:
+                mfile.append(json.dumps(rec) + "\n")
+            except fsio.StorageError as e:
+                raise fsio.StorageError(f"{e} at step {rec.get('step')}; {last_good_sentence()}") from None
+
+    def agree(failure: BaseException | None, step: int, where: Path) -> None:
+        """Every rank learns whether any rank failed (so none waits at a barrier for a rank that left);
+        a storage failure becomes the one sentence, anything else goes up as it is."""
+        flag = torch.tensor([0.0 if failure is None else 1.0])
+        dist_mod.all_reduce(flag, dist_, op=torch.distributed.ReduceOp.MAX if dist_.enabled else None)
+        if not float(flag):
+            return
+        if dist_.is_main:
+            shutil.rmtree(where, ignore_errors=True)
+        if isinstance(failure, fsio.StorageError):  # refused before writing: already the sentence
+            raise failure
+        if failure is not None and fsio.storage_cause(failure) is None:
+            raise failure
+        why = fsio.reason(failure) if failure is not None else "another rank could not write its part"
+        raise fsio.StorageError(f"could not write the checkpoint of step {step} to {where.parent} ({why}); its "
+                                f"partial files were removed and {last_good_sentence()}")
 
     def save(step: int, reason: str):
-        """checkpoints/step_N: HF layout + trainer_state/, written to a temp dir and renamed (atomic)."""
+        """checkpoints/step_N: HF layout + trainer_state/, written to a temp dir and renamed (atomic).
+
+        The free space is checked first; a write that fails anyway (ENOSPC, EIO, a vanished directory)
+        removes the temp dir, keeps the last good checkpoint and `latest`, and raises fsio.StorageError.
+        """
         final_dir = run_dir / "checkpoints" / f"step_{step}"
         tmp = run_dir / "checkpoints" / f".tmp_step_{step}"
+        if state["last_good"] == step and (final_dir / "trainer_state" / "state.json").is_file():
+            return  # resumed from this very checkpoint (a run that stopped after its last step): nothing new
+        failure = None
+        try:
+            if dist_.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                need = (sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                        * 2  # HF weights + the fp32 weights in dcp (global sizes under FSDP)
+                        + sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                              if torch.is_tensor(v))
+                        + prep.tokenizer_path.stat().st_size)
+                fsio.check_free(tmp.parent, need, f"the checkpoint of step {step}", last_good_sentence())
+                (tmp / "trainer_state").mkdir(parents=True)
+        except BaseException as e:  # noqa: B036 (torch.distributed.checkpoint raises BaseException subclasses)
+            failure = e
+        agree(failure, step, tmp)
+        try:
+            dist_mod.save_sharded(model, optimizer, str(tmp / "trainer_state" / "dcp"))
+            full = dist_mod.full_state_dict(model, dist_)
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                   "cuda": torch.cuda.get_rng_state() if on_gpu else None}
+            with open(tmp / "trainer_state" / f"rng_rank{dist_.rank}.pt", "wb") as f:
+                torch.save(rng, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:  # noqa: B036
+            failure = e
+        agree(failure, step, tmp)
+        try:
+            if dist_.is_main:
+                save_checkpoint(model, tmp, tokenizer_path=prep.tokenizer_path, state_dict=full)
+                write_json_atomic(tmp / "trainer_state" / "state.json",
+                                  {**state, "step": step, "epoch": stream.epoch_of_step(step), "reason": reason,
+                                   "data_cursor": {"step": step, "seed": cfg.seed}, "last_good": step})
+                fsio.fsync_dir(tmp / "trainer_state")
+                fsio.fsync_dir(tmp)
+                shutil.rmtree(final_dir, ignore_errors=True)
+                os.replace(tmp, final_dir)
+                fsio.fsync_dir(final_dir.parent)
+        except BaseException as e:  # noqa: B036
+            failure = e
+        agree(failure, step, tmp)
+        state["last_good"] = step
         if dist_.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "trainer_state").mkdir(parents=True)
-        dist_mod.barrier(dist_)
-        dist_mod.save_sharded(model, optimizer, str(tmp / "trainer_state" / "dcp"))
-        full = dist_mod.full_state_dict(model, dist_)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-               "cuda": torch.cuda.get_rng_state() if on_gpu else None}
-        torch.save(rng, tmp / "trainer_state" / f"rng_rank{dist_.rank}.pt")
-        dist_mod.barrier(dist_)
-        if dist_.is_main:
-            save_checkpoint(model, tmp, tokenizer_path=prep.tokenizer_path, state_dict=full)
-            write_json_atomic(tmp / "trainer_state" / "state.json",
-                              {**state, "step": step, "epoch": stream.epoch_of_step(step), "reason": reason,
-                               "data_cursor": {"step": step, "seed": cfg.seed}, "last_good": step})
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(tmp, final_dir)
             for _, old in list_checkpoints(run_dir)[:-cfg.keep] if cfg.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
-        state["last_good"] = step
-        dist_mod.barrier(dist_)
 
     if not cfg.eval_max_new_tokens:
         longest = int((prep.val.lengths - prep.val.n_prompt).max()) if len(prep.val) else 256
@@ -734,6 +836,7 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        closers.append(bar.close)
     model.train()
     t_last_save = time.time()
     flag = torch.zeros(2)  # [stop requested, time-based save due], agreed over ranks
@@ -823,10 +926,23 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
     if dist_.is_main:
         tmp = run_dir / ".tmp_final"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(model, tmp, tokenizer_path=prep.tokenizer_path, state_dict=full,
-                        dtype=torch.bfloat16 if use_bf16 else torch.float32)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp, final_dir)
+        final_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        try:
+            from .checkpoint import checkpoint_bytes
+
+            fsio.check_free(run_dir, checkpoint_bytes(full, final_dtype) + prep.tokenizer_path.stat().st_size,
+                            "the final export", last_good_sentence())
+            save_checkpoint(model, tmp, tokenizer_path=prep.tokenizer_path, state_dict=full, dtype=final_dtype)
+            fsio.fsync_dir(tmp)
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(tmp, final_dir)
+            fsio.fsync_dir(run_dir)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, fsio.StorageError) or fsio.storage_cause(e) is None:
+                raise
+            raise fsio.StorageError(f"could not write the final export {final_dir} ({fsio.reason(e)}); its partial "
+                                    f"files were removed and {last_good_sentence()}") from None
     summary = {"run_dir": str(run_dir), "steps": total_steps, "epochs": stream.epoch_of_step(total_steps),
                "tokens_seen": state["tokens_seen"], "train_seconds": state["elapsed"],
                "tokens_per_s": state["tokens_seen"] / max(1e-9, state["elapsed"]),
@@ -842,22 +958,31 @@ def train(cfg: TrainConfig, resume: str | None = None, dry_run: bool = False, lo
         summary["greedy_acc"] = acc
         summary["eval_problems"] = len(prep.eval_problems)
         if dist_.is_main:
-            with open(run_dir / "greedy_eval.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            fsio.atomic_write(run_dir / "greedy_eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows),
+                              hint=f"training finished and {last_good_sentence()}")
     record({"step": total_steps, **{k: summary[k] for k in ("val_loss", "greedy_acc") if k in summary}})
     if mfile:
         mfile.close()
     if dist_.is_main:
         from .plotting import plot_loss_curve
 
-        write_json_atomic(run_dir / "summary.json", summary)
+        fsio.atomic_write_json(run_dir / "summary.json", summary, hint=f"training finished and {last_good_sentence()}")
         try:
             plot_loss_curve(metrics_path, run_dir / "loss.png", title=f"fastmath train: {cfg.model} ({run_dir.name})")
         except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it
             say(f"loss.png skipped: {e}")
+        except fsio.StorageError as e:
+            raise fsio.StorageError(f"{e}; training finished and {last_good_sentence()}") from None
         say(format_summary(summary))
     dist_mod.teardown(dist_)
     return summary
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _null():

@@ -130,7 +130,9 @@ def command(samples, out, workers, timeout, extract):
         summary.setdefault(key, value)
     validate(summary, "summary")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    from fastmath.fsio import atomic_write
+
+    atomic_write(out, json.dumps(summary, indent=2) + "\n")  # the old summary or the new one, never a part
 
     n = summary["n"]
     click.echo(f"{summary['problems']} problems x {n} samples ({len(bad)} malformed lines skipped)")

@@ -35,7 +35,7 @@ def _with_options(fn):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or TOML file with any of the options below; command-line options override it")
 @click.option("--resume", default=None,
-              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config)")
+              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config; only resource options may change: --threads, --save-every, --save-minutes, --keep, --eval-every, --progress, --cache-dir)")
 @click.option("--dry-run", is_flag=True, help="print parameter count, estimated memory per GPU and steps, then exit")
 @_with_options
 @click.pass_context
@@ -45,11 +45,14 @@ def command(ctx, config_file, resume, dry_run, **options):
     With no arguments: trains the `tiny` preset from scratch on procedural arithmetic problems with a
     tokenizer trained on the fly, then prints held-out greedy accuracy of the trained vs the untrained model.
     """
-    from fastmath.train import TrainingDiverged, train
+    from fastmath.train import TrainingDiverged, check_resume_overrides, train
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    if resume and given:
-        raise click.ClickException(f"--resume continues a run with its saved config; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+    if resume:  # only options that change resources, not results (--threads, --save-every, ...)
+        try:
+            check_resume_overrides(given)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     values = {}
     if config_file:
         try:
@@ -63,7 +66,7 @@ def command(ctx, config_file, resume, dry_run, **options):
     try:
         cfg = TrainConfig(**values)
         _check(cfg)
-        train(cfg, resume=resume, dry_run=dry_run)
+        train(cfg, resume=resume, dry_run=dry_run, resume_overrides=given if resume else None)
     except TrainingDiverged as e:
         raise click.ClickException(str(e)) from None
     except (ValueError, FileNotFoundError) as e:

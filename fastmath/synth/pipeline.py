@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import prompts
+from ..fsio import AppendFile, StorageError, atomic_write_json, write_failed
 from .dedup import ContaminationIndex, NearDupIndex
 from .parse import ParseError, load_problems, normalise_answer, parse_answer_reply, parse_question_reply
 
@@ -369,14 +370,13 @@ class Journal:
 
     def __init__(self, path, header):
         self.path = Path(path)
-        self._f = open(self.path, "a", encoding="utf-8")
-        if self._f.tell() == 0:
+        # A line that cannot be written whole (full disk, I/O error) is cut off again: fsio.StorageError.
+        self._f = AppendFile(self.path, fsync=True, what="the synth journal")
+        if self.path.stat().st_size == 0:
             self.append(header)
 
     def append(self, entry):
-        self._f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._f.append(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def close(self):
         self._f.close()
@@ -416,18 +416,24 @@ def iter_journal(path):
 
 
 class _Sink:
-    """Writes records and rejects, one flushed JSONL line each."""
+    """Writes records and rejects, one flushed JSONL line each. Both files are rebuilt from the journal on
+    resume, so a failed write loses nothing: it stops the run with one sentence (fsio.StorageError)."""
 
-    def __init__(self, records_f, rejects_f):
-        self.records_f, self.rejects_f = records_f, rejects_f
+    def __init__(self, records_f, rejects_f, paths=None):
+        self.records_f, self.rejects_f, self.paths = records_f, rejects_f, paths or {}
+
+    def _write(self, f, kind, rec):
+        try:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+        except OSError as e:
+            raise write_failed(self.paths.get(kind, f.name), e) from None
 
     def record(self, rec):
-        self.records_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.records_f.flush()
+        self._write(self.records_f, "records", rec)
 
     def reject(self, rec):
-        self.rejects_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.rejects_f.flush()
+        self._write(self.rejects_f, "rejects", rec)
 
 
 def _load(path, what):
@@ -502,13 +508,20 @@ def run_synth(cfg, api_key):
     tmp = {k: paths[k].with_name(paths[k].name + ".tmp") for k in ("records", "rejects")}
     records_f = open(tmp["records"], "w", encoding="utf-8")
     rejects_f = open(tmp["rejects"], "w", encoding="utf-8")
-    state = SynthState(cfg, seeds, n_target, max_items, near, contam, _Sink(records_f, rejects_f),
+    state = SynthState(cfg, seeds, n_target, max_items, near, contam, _Sink(records_f, rejects_f, paths),
                        _load_equiv() if cfg.consistency > 1 else None)
     replayed = 0
-    for entry in entries:
-        state.on_reply(entry)
-        replayed += 1
-    state.rebuild_queue()
+    try:
+        for entry in entries:
+            state.on_reply(entry)
+            replayed += 1
+        state.rebuild_queue()
+    except StorageError as e:  # the copies are half-written: never swap them in
+        for f, k in ((records_f, "records"), (rejects_f, "rejects")):
+            _close_quietly(f)
+            tmp[k].unlink(missing_ok=True)
+        raise StorageError(f"{e}; every reply is safe in the journal: free some space and rerun the same command "
+                           "to resume") from None
     for k in ("records", "rejects"):
         (records_f if k == "records" else rejects_f).flush()
         os.replace(tmp[k], paths[k])
@@ -524,20 +537,26 @@ def run_synth(cfg, api_key):
         stopped = asyncio.run(_run_live(state, client, journal, cfg, price, n_target))
     except FatalAPIError as e:
         stopped, error = "error", str(e)
-    finally:
+    finally:  # after a failed write a close may fail again: the first error is the one to report
         journal.close()
-        records_f.close()
-        rejects_f.close()
+        _close_quietly(records_f)
+        _close_quietly(rejects_f)
     if stopped is None and state.kept < n_target:
         stopped = "max_items"
     report = _report(state, cfg, paths, n_target, max_items, price, stopped, error, client.retries,
                      time.time() - start, resumed, decontam_sizes)
-    tmp_report = paths["report"].with_name(paths["report"].name + ".tmp")
-    tmp_report.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_report, paths["report"])
+    atomic_write_json(paths["report"], report, hint="the records are written; free some space and rerun the "
+                      "same command to write the report")
     if error is not None:
         raise SynthError(error)
     return report
+
+
+def _close_quietly(f):
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _cost(usage, price):
@@ -592,9 +611,15 @@ async def _run_live(state, client, journal, cfg, price, n_target):
                          "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                          "model": reply.model, "finish_reason": reply.finish_reason, "id": reply.id,
                          "time": round(time.time(), 3)}
-                journal.append(entry)  # on disk before it is parsed
+                try:
+                    journal.append(entry)  # on disk before it is parsed
+                except StorageError as e:
+                    raise SynthError(await _stop_after_write_failure(e, entry, task, done, in_flight)) from None
                 kept = state.kept
-                state.on_reply(entry)
+                try:
+                    state.on_reply(entry)
+                except StorageError as e:  # a record or reject: this reply is journaled, later ones may not be
+                    raise SynthError(await _stop_after_write_failure(e, None, task, done, in_flight)) from None
                 bar.update(state.kept - kept)
                 postfix()
             if fatal is not None:
@@ -607,6 +632,28 @@ async def _run_live(state, client, journal, cfg, price, n_target):
         bar.close()
         await client.close()
     return stopped
+
+
+async def _stop_after_write_failure(error, entry, task, done, in_flight) -> str:
+    """Stop at once (no further request is sent) and say which paid-for replies could not be saved: `entry`
+    (the reply whose journal line failed, or None) and the other replies received with it."""
+    unsaved = ([entry] if entry else []) + [t for t in done if t is not task and t in in_flight
+                                            and not t.cancelled() and t.exception() is None]
+    for t in in_flight:
+        t.cancel()
+    await asyncio.gather(*in_flight, return_exceptions=True)
+    n, cancelled = len(unsaved), len([t for t in in_flight if t not in done])
+    in_flight.clear()
+    if n == 0:
+        lost = "every reply received is safe in the journal"
+    else:
+        lost = f"{n} paid-for repl{'y' if n == 1 else 'ies'}"
+        if entry:
+            lost += (f" (item {entry['item']} {entry['kind']}, {entry['prompt_tokens'] + entry['completion_tokens']} "
+                     f"tokens{', and others' if n > 1 else ''})")
+        lost += " could not be saved and will be asked again"
+    return (f"{error}; stopped before sending more requests: {lost}, {cancelled} request(s) in flight were "
+            "cancelled; free some space and rerun the same command to resume from the journal")
 
 
 def _report(state, cfg, paths, n_target, max_items, price, stopped, error, retries, seconds, resumed, decontam_sizes):

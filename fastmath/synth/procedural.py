@@ -250,8 +250,12 @@ def main(argv=None):
     if a.out == "-":
         sys.stdout.write(lines)
     else:
-        with open(a.out, "w") as fh:
-            fh.write(lines)
+        from ..fsio import StorageError, atomic_write
+
+        try:
+            atomic_write(a.out, lines)  # the whole file or none of it
+        except StorageError as e:
+            sys.exit(f"error: {e}")
 
 
 def config_from_dict(d: dict) -> ProceduralConfig:
