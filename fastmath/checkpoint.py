@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ModelArgs, get_preset
+from .config import ModelArgs, check_rope_scaling, get_preset
 from .model import Transformer
 
 SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,12 +38,19 @@ class CheckpointError(ValueError):
 # config.json <-> ModelArgs
 
 
-def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
-    """config.json for LlamaForCausalLM; writes both the old and the new spellings of rope and dtype."""
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int | None = 1, eos_id=2) -> dict:
+    """config.json for the model's family (LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM); writes both
+    the old and the new spellings of rope (`rope_theta`/`rope_scaling`, `rope_parameters`) and dtype."""
     name = DTYPE_NAMES.get(dtype, "float32")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        rope = {**args.rope_scaling, "rope_theta": args.rope_theta}
+    cfg = {
+        "architectures": [ARCHITECTURES[args.model_type]],
+        "model_type": args.model_type,
         "hidden_size": args.dim,
         "intermediate_size": args.intermediate_size,
         "num_hidden_layers": args.n_layers,
@@ -53,45 +60,91 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_parameters": rope,
         "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": name,
         "dtype": name,
     }
+    if args.rope_scaling is not None:
+        cfg["rope_scaling"] = dict(rope)  # the spelling transformers 4.x reads
+    if args.model_type == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif args.model_type == "mistral":
+        cfg["sliding_window"] = args.sliding_window
+    else:  # qwen2: q/k/v biases are implied by the architecture; every layer slides when a window is set
+        cfg.update(use_sliding_window=args.sliding_window is not None, sliding_window=args.sliding_window,
+                   max_window_layers=0 if args.sliding_window is not None else args.n_layers)
+    return cfg
+
+
+def _refuse(path, what: str):
+    raise CheckpointError(f"{path}: {what} is not supported by fastmath (LLaMA, Mistral and Qwen2 blocks only)")
 
 
 def hf_config_to_args(cfg: dict, path: Path) -> ModelArgs:
-    """ModelArgs from a config.json dict (old `rope_theta`/`torch_dtype` or new `rope_parameters`/`dtype`)."""
-    if cfg.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type is {cfg.get('model_type')!r}; fastmath reads LLaMA checkpoints")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise CheckpointError(f"{path}: not a LLaMA-2 layout (needs silu and no attention/MLP biases)")
+    """ModelArgs from a config.json dict of LlamaForCausalLM (LLaMA-2, 3.x), MistralForCausalLM or
+    Qwen2ForCausalLM, in the older (`rope_theta`, `rope_scaling` with `type`, `torch_dtype`) or newer
+    (`rope_parameters`, `dtype`) spelling. Anything that would change the math and is not implemented (another
+    architecture, rope type, activation, bias or attention variant) is refused by name."""
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        _refuse(path, f"model_type {model_type!r}")
+    for arch in cfg.get("architectures") or []:
+        if arch != ARCHITECTURES[model_type]:
+            _refuse(path, f"architecture {arch!r} (model_type {model_type!r} is {ARCHITECTURES[model_type]})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        _refuse(path, f"hidden_act {cfg['hidden_act']!r} (the LLaMA block uses silu)")
+    for flag in ("attention_bias", "mlp_bias"):  # LLaMA's attention_bias also puts a bias on o_proj
+        if cfg.get(flag):
+            _refuse(path, f"{flag}: true")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    if (rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default") != "default":
-        raise CheckpointError(f"{path}: rope scaling is not supported")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    args = ModelArgs(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
-        intermediate_size=cfg.get("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=float(theta), max_seq_len=cfg.get("max_position_embeddings", 4096),
-    )
-    if cfg.get("head_dim") not in (None, args.head_dim):
-        raise CheckpointError(f"{path}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    return args
+    rope = dict(cfg.get("rope_parameters") or {})
+    if cfg.get("rope_scaling"):  # transformers lets the old field win when both are present
+        rope = {**rope, **cfg["rope_scaling"]}
+    if any(isinstance(v, dict) for v in rope.values()):
+        _refuse(path, "per-layer-type rope_parameters")
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        _refuse(path, f"partial_rotary_factor {partial}")
+    theta = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    max_pos = cfg.get("max_position_embeddings", 4096)
+    if (rope.get("rope_type") or rope.get("type")) == "llama3":
+        rope.setdefault("original_max_position_embeddings", max_pos)  # as transformers' standardize_rope_params
+    try:
+        scaling = check_rope_scaling(rope) if rope else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    layer_types = cfg.get("layer_types") or []
+    odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if odd:
+        _refuse(path, f"layer type(s) {', '.join(map(repr, odd))}")
+    window = None
+    if model_type == "mistral":
+        window = cfg.get("sliding_window")
+    elif model_type == "qwen2" and cfg.get("use_sliding_window"):
+        n_layers, first = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
+        if first < n_layers or "sliding_attention" in layer_types:  # some layer slides (as transformers decides)
+            window = cfg.get("sliding_window", 4096)
+    n_heads = cfg["num_attention_heads"]
+    try:
+        return ModelArgs(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            intermediate_size=cfg.get("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=theta, max_seq_len=max_pos, head_dim=cfg.get("head_dim") or None,
+            qkv_bias=model_type == "qwen2", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling, sliding_window=window, model_type=model_type,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _config_dtype(cfg: dict) -> torch.dtype:
@@ -187,12 +240,12 @@ def load_hf_directory(directory: str | os.PathLike, device=None, dtype=None) -> 
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(args)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for file in weight_files(directory):
         for name, tensor in iter_safetensors(file):
             local = _hf_to_local(name)
-            if local.endswith(IGNORED_KEYS):
-                continue
+            if local.endswith(IGNORED_KEYS) or (args.tie_embeddings and local == "lm_head.weight"):
+                continue  # a tied head is the embedding (transformers ignores a stored copy too)
             if local not in params:
                 raise CheckpointError(f"{file}: unexpected tensor {name}")
             if tuple(tensor.shape) != tuple(params[local].shape):
@@ -202,8 +255,7 @@ def load_hf_directory(directory: str | os.PathLike, device=None, dtype=None) -> 
             module = model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True)
             params[local] = module._parameters[attr]
-    if model.lm_head.weight.is_meta and cfg.get("tie_word_embeddings") and not model.embed_tokens.weight.is_meta:
-        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())  # fastmath keeps them untied
+    model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -298,6 +350,8 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
     dtype = dtype or next(iter(state.values())).dtype
     hf_state = {}
     for name, t in state.items():
+        if model.args.tie_embeddings and name == "lm_head.weight":
+            continue  # one tensor, stored as embed_tokens only (as transformers saves tied weights)
         hf_name = name if name.startswith("lm_head.") else "model." + name
         hf_state[hf_name] = t.detach().to("cpu", dtype).contiguous()
     bos, eos = 1, 2

@@ -1,4 +1,8 @@
-"""The LLaMA-2 architecture: RMSNorm, rotary, grouped-query attention, SwiGLU, untied output head.
+"""The LLaMA block: RMSNorm, rotary, grouped-query attention, SwiGLU, output head.
+
+LLaMA-2 is the default; LLaMA-3.x, Mistral and Qwen2 are the same block with the switches of ModelArgs
+(q/k/v biases, tied embeddings, llama3 rope scaling, an explicit head_dim, a sliding window that no sequence
+may exceed).
 
 Parameter names follow Hugging Face's LlamaForCausalLM (without its `model.` prefix), so checkpoints
 map one to one. Sequences are handled packed: a (T,) stream of tokens with per-document positions and
@@ -31,18 +35,22 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.rope_theta = args.rope_theta
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, positions, cu_seqlens, max_seqlen: int, cache=None, rope=None):
+        """rope: (inv_freq (D/2,), cos_sin or None) shared by all layers; None computes it here."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, n_heads, D)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, D)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = K.apply_rotary(q, k, positions, self.rope_theta, cos_sin=rope)
+        if rope is None:
+            rope = (K.rotary_inv_freq(self.head_dim, self.rope_theta, x.device, self.rope_scaling), None)
+        inv_freq, cos_sin = rope
+        q, k = K.apply_rotary(q, k, positions, self.rope_theta, cos_sin=cos_sin, inv_freq=inv_freq)
         if cache is not None:  # the cache stores k, v and attends (prefill or decode)
             out = cache.attend(self.layer_id, q, k, v)
         else:
@@ -82,15 +90,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    def tie_weights(self):
+        """With args.tie_embeddings, make lm_head's weight the embedding's (one parameter; call again after
+        replacing either, as loading does)."""
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     def init_weights(self, std: float = 0.02):
-        """Normal(0, std) for every matrix, ones for the norms (as Hugging Face initialises LLaMA)."""
+        """Normal(0, std) for every matrix, zeros for biases, ones for the norms (as Hugging Face initialises LLaMA)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
@@ -123,10 +140,15 @@ class Transformer(nn.Module):
             raise ValueError("a packed (1-D) call needs positions, cu_seqlens and max_seqlen")
         if positions is None:
             raise ValueError("a packed (1-D) call needs positions")
+        if self.args.sliding_window is not None:
+            self._check_window(positions, max_seqlen)
 
         x = self.embed_tokens(tokens)  # (T, dim)
-        # The reference rotary path shares one cos/sin table across layers; the Triton kernel needs none.
-        rope = None if K.use_triton(x) else K.rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        # One inv_freq (llama3-scaled when configured) for all layers; the reference rotary path also shares
+        # one cos/sin table across layers, the Triton kernel computes its angles on the fly.
+        a = self.args
+        inv_freq = K.rotary_inv_freq(a.head_dim, a.rope_theta, x.device, a.rope_scaling)
+        rope = (inv_freq, None if K.use_triton(x) else K.rotary_cos_sin(positions, a.head_dim, inv_freq=inv_freq))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, cache, rope, use_reentrant=False)
@@ -141,6 +163,14 @@ class Transformer(nn.Module):
             x = x[logits_index]
         logits = self.lm_head(x)
         return logits.view(B, L, -1) if batched and logits_index is None else logits
+
+    def _check_window(self, positions, max_seqlen):
+        """Attention here is full causal: exact for a sliding-window model only while no sequence is longer than
+        the window (Mistral v0.1's 4096), so a longer one is an error rather than silently different logits."""
+        longest = max(int(max_seqlen or 0), int(positions.max()) + 1 if positions.numel() else 0)
+        if longest > self.args.sliding_window:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's sliding_window of "
+                             f"{self.args.sliding_window}; fastmath runs sliding-window models only up to the window")
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None) -> list[list[int]]:

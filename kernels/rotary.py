@@ -1,4 +1,6 @@
 """Rotary position embedding, Hugging Face rotate_half convention, out of place."""
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -6,15 +8,35 @@ import triton.language as tl
 from ._dispatch import num_warps_for, rows_per_program, use_triton
 
 
-def rotary_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
-    """inv_freq (head_dim // 2,) in fp32, computed exactly as transformers' LLaMA does."""
+def rotary_inv_freq(head_dim: int, theta: float = 10000.0, device=None, scaling: dict | None = None) -> torch.Tensor:
+    """inv_freq (head_dim // 2,) in fp32, computed exactly as transformers' LLaMA does.
+
+    Args:
+        scaling: None, or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"} (LLaMA-3.1): long wavelengths are divided by `factor`, short
+            ones kept, and the band between interpolated (transformers' `_compute_llama3_parameters`).
+    """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    return 1.0 / (theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    if scaling["rope_type"] != "llama3":
+        raise ValueError(f"rope scaling type {scaling['rope_type']!r} is not supported (default or llama3)")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0):
-    """cos, sin (T, head_dim) in fp32 for positions (T,)."""
-    inv_freq = rotary_inv_freq(head_dim, theta, positions.device)
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None):
+    """cos, sin (T, head_dim) in fp32 for positions (T,); `inv_freq` (head_dim // 2,) overrides theta (scaled rope)."""
+    if inv_freq is None:
+        inv_freq = rotary_inv_freq(head_dim, theta, positions.device)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos(), emb.sin()
@@ -26,16 +48,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
-                     cos_sin=None):
+                     cos_sin=None, inv_freq: torch.Tensor | None = None):
     """PyTorch reference.
 
     Args:
         q: (T, n_heads, D); k: (T, n_kv_heads, D); positions: (T,) int64.
         cos_sin: optional `rotary_cos_sin(positions, D, theta)`, computed once by a caller with many layers.
+        inv_freq: optional (D // 2,) fp32 frequencies (e.g. `rotary_inv_freq(D, theta, scaling=...)`); replaces theta.
     Returns:
         (q_rot, k_rot) with the shapes and dtypes of q and k; math in fp32.
     """
-    cos, sin = cos_sin if cos_sin is not None else rotary_cos_sin(positions, q.shape[-1], theta)
+    if cos_sin is None:
+        cos_sin = rotary_cos_sin(positions, q.shape[-1], theta, inv_freq)
+    cos, sin = cos_sin
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
 
     def rot(x):
@@ -45,11 +70,13 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return rot(q), rot(k)
 
 
-# 2*pi split in three (Cody-Waite): k * _TWO_PI_1 and k * _TWO_PI_2 are exact in fp32 for k < 2^12
-# turns, so the reduction is exact to ~1e-7 for angles up to ~25000 rad (positions well beyond 8192).
+# 2*pi split in three (Cody-Waite): _TWO_PI_1 = 201/2^5 and _TWO_PI_2 = 507/2^18 have 8 and 9 significant
+# bits, so k * _TWO_PI_1 and k * _TWO_PI_2 are exact in fp32 for k < 2^15 turns; _TWO_PI_3 is the fp32 rest
+# (2*pi - the three is 2e-14). The reduction is exact to ~1e-8 for angles up to ~205,000 rad, i.e. every
+# position of LLaMA-3.1's 131,072 context at inv_freq <= 1 (tests/kernels/test_rotary.py checks 131,071).
 _TWO_PI_1 = tl.constexpr(6.28125)
-_TWO_PI_2 = tl.constexpr(0.0019354820251464844)
-_TWO_PI_3 = tl.constexpr(-1.7484555314695172e-07)
+_TWO_PI_2 = tl.constexpr(0.001934051513671875)
+_TWO_PI_3 = tl.constexpr(1.2556658930407139e-06)
 _INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 
@@ -142,7 +169,7 @@ class _Rotary(torch.autograd.Function):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
-                 cos_sin=None):
+                 cos_sin=None, inv_freq: torch.Tensor | None = None):
     """Rotate q and k by their positions (HF rotate_half convention); see `apply_rotary_ref`.
 
     Args:
@@ -150,6 +177,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, thet
         theta: rope base; inv_freq is computed in fp32 exactly as transformers does.
         cos_sin: optional precomputed `rotary_cos_sin(positions, D, theta)` for the reference path (the
             kernel computes its angles on the fly and ignores it).
+        inv_freq: optional (D // 2,) fp32 frequencies replacing theta's, e.g. LLaMA-3.1's scaled ones from
+            `rotary_inv_freq(D, theta, scaling=...)`; both paths use them.
     Returns:
         (q_rot, k_rot), new tensors with the shapes and dtypes of q and k.
     """
@@ -159,6 +188,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, thet
                              f"got {tuple(q.shape)} and {tuple(k.shape)}")
         if positions.shape != (q.shape[0],):
             raise ValueError(f"apply_rotary: positions shape {tuple(positions.shape)} should be ({q.shape[0]},)")
-        inv_freq = rotary_inv_freq(q.shape[-1], theta, q.device)
-        return _Rotary.apply(_unit_stride(q), _unit_stride(k), positions.contiguous(), inv_freq)
-    return apply_rotary_ref(q, k, positions, theta, cos_sin)
+        if inv_freq is None:
+            inv_freq = rotary_inv_freq(q.shape[-1], theta, q.device)
+        elif inv_freq.shape != (q.shape[-1] // 2,):
+            raise ValueError(f"apply_rotary: inv_freq shape {tuple(inv_freq.shape)} should be ({q.shape[-1] // 2},)")
+        return _Rotary.apply(_unit_stride(q), _unit_stride(k), positions.contiguous(), inv_freq.float().contiguous())
+    return apply_rotary_ref(q, k, positions, theta, cos_sin, inv_freq)

@@ -98,9 +98,20 @@ def test_bad_inputs_are_one_clear_sentence(saved, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) layers.2"):
         fastmath.load_model(bad)
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    with pytest.raises(CheckpointError, match="fastmath reads LLaMA checkpoints"):
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma"}))
+    with pytest.raises(CheckpointError, match="model_type 'gemma' is not supported"):
         fastmath.load_model(bad)
+    # Variants that would change the math are refused by name, never ignored.
+    for change, named in [({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),
+                          ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope scaling type 'linear'"),
+                          ({"attention_bias": True}, "attention_bias: true"),
+                          ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+                          ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+                          ({"layer_types": ["chunked_attention"] * 2}, "layer type.*'chunked_attention'"),
+                          ({"architectures": ["GemmaForCausalLM"]}, "architecture 'GemmaForCausalLM'")]:
+        (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(CheckpointError, match=f"config.json: {named}"):
+            fastmath.load_model(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(CheckpointError, match="truncated safetensors file"):
