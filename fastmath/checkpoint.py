@@ -108,7 +108,9 @@ def hf_config_to_args(cfg: dict, path: Path) -> ModelArgs:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
     rope = dict(cfg.get("rope_parameters") or {})
     if cfg.get("rope_scaling"):  # transformers lets the old field win when both are present
-        rope = {**rope, **cfg["rope_scaling"]}
+        old = dict(cfg["rope_scaling"])
+        old.setdefault("rope_type", old.pop("type", "default"))
+        rope = {**rope, **old}
     if any(isinstance(v, dict) for v in rope.values()):
         _refuse(path, "per-layer-type rope_parameters")
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
