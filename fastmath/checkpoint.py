@@ -132,9 +132,10 @@ def hf_config_to_args(cfg: dict, path: Path) -> ModelArgs:
     if model_type == "mistral":
         window = cfg.get("sliding_window")
     elif model_type == "qwen2" and cfg.get("use_sliding_window"):
-        n_layers, first = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
-        if first < n_layers or "sliding_attention" in layer_types:  # some layer slides (as transformers decides)
-            window = cfg.get("sliding_window", 4096)
+        # Some layer slides: layer_types says which when given, else layers from max_window_layers on do
+        slides = "sliding_attention" in layer_types if layer_types else \
+            cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"]
+        window = cfg.get("sliding_window", 4096) if slides else None
     n_heads = cfg["num_attention_heads"]
     try:
         return ModelArgs(
