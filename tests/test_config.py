@@ -37,3 +37,58 @@ def test_presets_are_copies_and_errors_are_clear():
         get_preset("nope")
     with pytest.raises(ValueError, match="not divisible"):
         ModelArgs(dim=100, n_heads=3)
+
+
+# Published sizes (the model cards on the Hugging Face hub: 8.03B, 1.24B, 7.25B, 7.61B, 1.54B).
+NEW_PRESETS = [("llama3.1-8b", 8.03), ("llama3.2-1b", 1.24), ("mistral-7b", 7.25), ("qwen2.5-7b", 7.61),
+               ("qwen2.5-1.5b", 1.54)]
+
+
+@pytest.mark.parametrize("name,params_b", NEW_PRESETS)
+def test_family_presets_match_published_counts_and_transformers(name, params_b):
+    """Each preset's parameter count: the published one, and exactly that of transformers' model built (on the
+    meta device) from the config.json fastmath writes for it, so the family switches land where HF has them."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from fastmath.checkpoint import args_to_hf_config
+    from fastmath.model import Transformer, num_params
+
+    a = get_preset(name)
+    assert abs(a.num_params() / 1e9 - params_b) < 0.01
+    cfg = args_to_hf_config(a, torch.bfloat16)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        ours = Transformer(a)
+    assert type(hf).__name__ == cfg["architectures"][0]
+    assert sum(p.numel() for p in hf.parameters()) == num_params(ours) == a.num_params()
+
+
+def test_llama3_inv_freq_is_transformers():
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fastmath.checkpoint import args_to_hf_config
+    from fastmath.kernels import rotary_inv_freq
+
+    for name in ("llama3.1-8b", "llama3.2-1b"):
+        a = get_preset(name)
+        hf_cfg = transformers.AutoConfig.for_model(**args_to_hf_config(a, torch.float32))
+        ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+        ours = rotary_inv_freq(a.head_dim, a.rope_theta, scaling=a.rope_scaling)
+        assert torch.equal(ours, ref)
+        assert not torch.equal(ours, rotary_inv_freq(a.head_dim, a.rope_theta))  # the scaling did something
+
+
+def test_args_switches_are_validated():
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
+        ModelArgs(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="needs low_freq_factor"):
+        ModelArgs(rope_scaling={"type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+    assert ModelArgs(rope_scaling={"type": "default"}).rope_scaling is None
+    assert ModelArgs(dim=64, n_heads=4, head_dim=24).head_dim == 24
+    assert ModelArgs(dim=64, n_heads=4, head_dim=24).replace(n_heads=8).head_dim == 8  # derived again
