@@ -6,8 +6,6 @@ prefill); choices are numbered prompt-major (prompt p, sample s -> index p * n +
 A handler never blocks the event loop: it enqueues to the engine loop thread and awaits its asyncio queue,
 checking between outputs whether the client is still there; a client that leaves is aborted at once.
 """
-from __future__ import annotations
-
 import asyncio
 import hmac
 import json
@@ -15,6 +13,11 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine_loop import EngineLoop, QueueFull
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad,
@@ -47,11 +50,6 @@ class ServerState:
 def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api_key: str | None = None,
                max_queue: int | None = None):
     """The ASGI app serving `engine` (a fastmath.engine.Engine); its lifespan starts and stops the engine loop."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     state = ServerState(engine, tokenizer, model_name, template, api_key, max_queue)
 
     @asynccontextmanager
@@ -93,16 +91,10 @@ def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
     # -- auth: /v1/* only (health, metrics and the tokenizer stay open, as in vLLM) -------------------------
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), state.api_key):
-                return JSONResponse(error_body(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware wraps `receive`, and
+    # then a handler can no longer see that its client disconnected.
+    if state.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, key=state.api_key)
 
     # -- plain endpoints ----------------------------------------------------------------------------------
 
@@ -193,6 +185,24 @@ def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api
     return app
 
 
+class APIKeyMiddleware:
+    """401 with an OpenAI error body for /v1/* requests without 'Authorization: Bearer KEY' (constant-time)."""
+
+    def __init__(self, app, key: bytes):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            given = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                body = error_body(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                  code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checks and parameters
 
@@ -262,13 +272,17 @@ async def run_requests(state: ServerState, rid: str, prompt_ids, params, request
     unfinished = set(ids)
     index = {r: i for i, r in enumerate(ids)}
     clean = False
+    checked = time.monotonic()
     try:
         while unfinished:
+            # outputs may arrive every step, so the client is checked on a clock, not only when none came
+            if time.monotonic() - checked > DISCONNECT_POLL_S:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
             try:
                 item = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
                 continue
             if isinstance(item, state.EngineError) or isinstance(item, ValueError):
                 raise bad(str(item))
