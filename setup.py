@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Custom-kernel LLaMA-2 trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
     python_requires=">=3.10",
-    packages=["fastmath", "fastmath.commands", "fastmath.synth", "fastmath.serve", "fastmath.kernels"],
+    packages=["fastmath", "fastmath.commands", "fastmath.engine", "fastmath.eval", "fastmath.serve", "fastmath.synth",
+              "fastmath.kernels"],
     package_dir={"fastmath.kernels": "kernels"},  # kernels/ is fastmath.kernels; never a top-level `kernels`
     package_data={"fastmath": ["schemas/*.json"]},
     install_requires=[
