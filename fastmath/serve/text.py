@@ -101,34 +101,39 @@ class IncrementalDetokenizer:
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0
-        self.text = ""  # decoded text of complete characters
-        self.sent = 0  # characters of self.text already sent
+        self.text = ""  # decoded text up to the read offset (complete characters)
+        self.visible = ""  # self.text plus the complete characters of a window still waiting for a character
+        self.sent = 0  # characters of self.visible already sent
 
     def add(self, new_ids) -> str:
         self.ids.extend(int(i) for i in new_ids)
         before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self.text += after[len(before):]
+        delta = self.tok.decode(self.ids[self.prefix:])[len(before):]
+        if delta.endswith(REPLACEMENT):  # an incomplete character: keep the window, show what precedes it
+            self.visible = self.text + delta.rstrip(REPLACEMENT)
+        else:
+            self.text += delta
+            self.visible = self.text
             self.prefix, self.read = self.read, len(self.ids)
-        safe = len(self.text) - stop_holdback(self.text, self.stop_strings)
+        text = self.visible
+        safe = len(text) - stop_holdback(text, self.stop_strings)
         for s in self.stop_strings:
-            i = self.text.find(s, max(0, self.sent - len(s) + 1))
+            i = text.find(s, max(0, self.sent - len(s) + 1))
             if i >= 0:
                 safe = min(safe, i)
         if safe <= self.sent:
             return ""
-        out = self.text[self.sent:safe]
+        out = text[self.sent:safe]
         self.sent = safe
         return out
 
     def finish(self, final_text: str | None) -> str:
         """The rest of the final text (the engine's, cut at a stop); nothing if it does not extend what was sent."""
         if final_text is None:
-            final_text = self.text
-        sent = self.text[:self.sent]
+            final_text = self.visible
+        sent = self.visible[:self.sent]
         if not final_text.startswith(sent):
             return ""
-        out = final_text[len(sent):]
-        self.sent = len(self.text) + len(out)  # nothing more after finish
-        return out
+        self.visible = final_text
+        self.sent = len(final_text)  # nothing more after finish
+        return final_text[len(sent):]
