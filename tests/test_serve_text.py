@@ -1,6 +1,8 @@
 """The server's text handling without a server: the incremental detokenizer (UTF-8 characters never split, stop
 strings held back, deltas add up to the full decode), special-token aware encoding, chat rendering, and the
 request validation of fastmath.serve.protocol."""
+import sys
+
 import pytest
 
 from fastmath.data import render_prompt
@@ -89,3 +91,15 @@ def test_prompt_forms_and_completion_checks():
             check_completion(req)
         assert e.value.status == 400 and e.value.param == param
     check_completion(CompletionRequest(prompt="x", max_tokens=0, echo=True))  # scoring only
+
+
+def test_serve_command_names_the_extra_when_fastapi_is_missing_and_a_bad_model_dir(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from fastmath.cli import main
+
+    res = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "nothing")])
+    assert res.exit_code == 1 and "no such run or checkpoint directory" in res.output
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    res = CliRunner().invoke(main, ["serve", "--model", str(tmp_path)])
+    assert res.exit_code == 1 and "pip install 'fastmath[serve]'" in res.output
