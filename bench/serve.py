@@ -168,11 +168,12 @@ import sys, httpx
 body = {"model": "demo", "prompt": [1] + list(range(3, 40)), "max_tokens": int(sys.argv[2]) - 40, "ignore_eos": True,
         "stream": True}
 with httpx.stream("POST", sys.argv[1] + "/v1/completions", json=body, timeout=None) as r:
-    for line in r.iter_lines():
+    lines = r.iter_lines()
+    for line in lines:
         if line.startswith("data: {"):
             print("streaming", flush=True)
             break
-    for line in r.iter_lines():
+    for line in lines:  # keep reading until killed
         pass
 """
 

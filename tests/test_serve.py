@@ -231,6 +231,10 @@ def test_echo_logprobs_equal_an_fp64_forward_of_the_model(client, model, tok):
     assert r.choices[0].text.startswith(tok.decode(ids))
     offsets = lp.text_offset
     assert offsets == sorted(offsets) and offsets[-1] <= len(r.choices[0].text)
+    # max_tokens 0 with echo scores the prompt alone
+    z = client.completions.create(model=NAME, prompt=ids, max_tokens=0, temperature=0, logprobs=3, echo=True)
+    assert z.choices[0].text == tok.decode(ids) and z.usage.completion_tokens == 0
+    assert z.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
     # generated-token log-probs without echo: raw-distribution values of the sampled tokens
     g = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0.7, seed=1, logprobs=0)
     glp = g.choices[0].logprobs

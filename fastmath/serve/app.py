@@ -34,9 +34,9 @@ class ServerState:
 
     def __init__(self, engine, tokenizer, model_name: str, template: str = "vicuna", api_key: str | None = None,
                  max_queue: int | None = None):
-        from fastmath.engine import EngineError, SamplingParams  # the server runs on the request-stream engine
+        from fastmath.engine import SamplingParams  # the server runs on the request-stream engine
 
-        self.SamplingParams, self.EngineError = SamplingParams, EngineError
+        self.SamplingParams = SamplingParams
         self.loop = EngineLoop(engine, max_queue=max_queue)
         self.tok = tokenizer
         self.model_name = model_name
@@ -150,12 +150,11 @@ def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api
                 prompt_ids.append(encode_text(state.tok, p, add_bos=True))
         texts = prompts if not are_ids else [state.tok.decode(p) for p in prompt_ids]
         max_tokens = req.max_tokens if req.max_tokens is not None else state.max_model_len - max(map(len, prompt_ids))
-        params = make_params(state, req, max_tokens, logprobs=req.logprobs,
+        # max_tokens 0 (with echo) scores the prompt only: one token is still computed, but not returned
+        check_lengths(state, prompt_ids, max(max_tokens, 1))
+        params = make_params(state, req, max(max_tokens, 1), logprobs=req.logprobs,
                              prompt_logprobs=req.logprobs if req.echo else None)
-        check_lengths(state, prompt_ids, max_tokens)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        if req.max_tokens == 0:  # echo only: score the prompt, generate nothing (one token is computed, not sent)
-            params = make_params(state, req, 1, logprobs=req.logprobs, prompt_logprobs=req.logprobs)
         gen = run_requests(state, rid, prompt_ids, params, request)
         if req.stream:
             first = await first_output(gen)
@@ -271,30 +270,31 @@ async def run_requests(state: ServerState, rid: str, prompt_ids, params, request
         raise APIError(503, f"the server is busy: {e}; retry later", code="queue_full") from None
     unfinished = set(ids)
     index = {r: i for i, r in enumerate(ids)}
-    clean = False
+    refused = False
     checked = time.monotonic()
     try:
         while unfinished:
             # outputs may arrive every step, so the client is checked on a clock, not only when none came
             if time.monotonic() - checked > DISCONNECT_POLL_S:
                 if await request.is_disconnected():
-                    return
+                    raise APIError(499, "the client closed the connection")  # nobody reads this answer
                 checked = time.monotonic()
             try:
                 item = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 continue
-            if isinstance(item, state.EngineError) or isinstance(item, ValueError):
-                raise bad(str(item))
             if isinstance(item, BaseException):
+                refused = True
+                if isinstance(item, ValueError):  # EngineError: this request can never be served
+                    raise bad(str(item))
                 raise APIError(500, str(item))
             if item.finished:
                 unfinished.discard(item.request_id)
             yield index[item.request_id], item
-        clean = True
     finally:
+        # the client left (or the stream was cancelled), or the engine refused one of the prompts
         for r in unfinished:
-            state.loop.abort(r, disconnected=not clean)
+            state.loop.abort(r, disconnected=not refused)
 
 
 async def first_output(gen):
