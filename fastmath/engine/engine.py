@@ -137,14 +137,17 @@ class Engine:
         plan: a ready memory plan (overrides the above).
         stream: step() reports every sample's new tokens; False reports samples only when they finish
             (no per-token host work; fastmath sample).
-        buckets: slot-count buckets of the static step (default: powers of two up to the slot count).
+        buckets: slot-count buckets of the static step (default: powers of two from 8 up to the slot count).
         prefill_tokens: most prompt tokens prefilled in one forward.
+        static_step: decode with the static step (default: when compiling); True without compile runs it
+            eagerly (to test and debug it).
     """
 
     def __init__(self, model, tokenizer, kv_cache_gb: float | None = None, max_slots: int | None = None,
                  max_model_len: int | None = None, compile: bool = False, *, max_prompt_len: int | None = None,
                  max_new_tokens: int | None = None, per_prompt: int = 1, n_prompts: int | None = None,
-                 plan: MemoryPlan | None = None, stream: bool = True, buckets=None, prefill_tokens: int = 8192):
+                 plan: MemoryPlan | None = None, stream: bool = True, buckets=None, prefill_tokens: int = 8192,
+                 static_step: bool | None = None):
         self.model = model.eval()
         self.args = model.args
         p = next(model.parameters())
@@ -196,10 +199,11 @@ class Engine:
         self.buckets = sorted(set(min(b, n) for b in (buckets or _pow2_buckets(n))) | {n})
         self._step_fn = None
         self.compiled = compile
-        if compile:
-            fn = functools.partial(decode_step, self.model, self.cache)
+        if compile or static_step:
+            self._step_fn = functools.partial(decode_step, self.model, self.cache)
+        if compile:  # gpt-fast's recipe: CUDA graphs on CUDA; fixed shapes per bucket, so no dynamic shapes
             mode = "reduce-overhead" if dev.type == "cuda" else None
-            self._step_fn = torch.compile(fn, mode=mode, dynamic=False)
+            self._step_fn = torch.compile(self._step_fn, mode=mode, dynamic=False)
 
     # -- the request API ------------------------------------------------------------------------------------
 
