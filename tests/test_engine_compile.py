@@ -56,9 +56,9 @@ def test_static_step_eagerly_gives_the_eager_engines_tokens(model, tok, prompts)
 
 def test_compiled_step_on_cpu_gives_the_eager_engines_tokens(model, tok, prompts):  # noqa: F811
     reqs = _requests(prompts, filtered=False)
-    eager = run(Engine(model, tok, max_slots=8, max_model_len=64), reqs)
+    eager = run(Engine(model, tok, max_slots=8, max_model_len=80), reqs)
     torch._dynamo.reset()
-    engine = Engine(model, tok, max_slots=8, max_model_len=64, compile=True, buckets=[8])
+    engine = Engine(model, tok, max_slots=8, max_model_len=80, compile=True, buckets=[8])
     compiled = run(engine, reqs)
     same, greedy = _compare(eager, compiled)
     print(f"\ncompiled step (inductor, CPU) vs eager: {100 * same:.1f}% samples identical")

@@ -162,9 +162,12 @@ class Engine:
         self.stream = stream
         if plan is None:
             budget = int(kv_cache_gb * 2**30) if kv_cache_gb else default_kv_budget(self.device)
-            plan = plan_memory(self.args, self.dtype, budget, max_prompt_len or self.max_model_len - 1,
-                               max_new_tokens or self.max_model_len - 1, per_prompt, n_prompts or self.max_slots,
-                               self.max_slots)
+            try:
+                plan = plan_memory(self.args, self.dtype, budget, max_prompt_len or self.max_model_len - 1,
+                                   max_new_tokens or self.max_model_len - 1, per_prompt, n_prompts or self.max_slots,
+                                   self.max_slots)
+            except ValueError as e:
+                raise EngineError(str(e)) from None
         self.plan = plan
         n, dev = plan.n_slots, self.device
         with torch.inference_mode():
