@@ -205,6 +205,10 @@ class Engine:
         if compile or static_step:
             self._step_fn = functools.partial(decode_step, self.model, self.cache)
         if compile:  # gpt-fast's recipe: CUDA graphs on CUDA; fixed shapes per bucket, so no dynamic shapes
+            graphs = 2 * len(self.buckets) + 4  # one graph per bucket, with and without top-p/top-k filters
+            for name in ("cache_size_limit", "recompile_limit"):
+                if getattr(torch._dynamo.config, name, graphs) < graphs:
+                    setattr(torch._dynamo.config, name, graphs)
             mode = "reduce-overhead" if dev.type == "cuda" else None
             self._step_fn = torch.compile(self._step_fn, mode=mode, dynamic=False)
 
