@@ -1,7 +1,6 @@
 """The static decode step (issue 14 item 4): fixed slot-count buckets, whole-capacity attention under masks, per-row
 sampling settings as tensors. Eagerly it gives the eager engine's tokens; compiled by torch.compile (inductor on
 the CPU, one bucket and a tiny model to keep compile time small) it gives them too."""
-import pytest
 import torch
 
 from fastmath.engine import Engine, SamplingParams

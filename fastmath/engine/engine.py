@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .kv_cache import MemoryPlan, SharedPrefixKVCache, _size, default_kv_budget, plan_memory
+from .kv_cache import MemoryPlan, SharedPrefixKVCache, default_kv_budget, plan_memory
 from .sampling import (SamplingParams, logprob_dicts, prompt_noise_key, sample_keys, sample_tokens,
                        sample_tokens_rows, seed_word, step_keys, token_logprobs)
 from .scheduler import Scheduler
