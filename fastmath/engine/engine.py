@@ -210,6 +210,9 @@ class Engine:
                 if getattr(torch._dynamo.config, name, graphs) < graphs:
                     setattr(torch._dynamo.config, name, graphs)
             mode = "reduce-overhead" if dev.type == "cuda" else None
+            if dev.type == "cuda":  # CUDA graphs update the cache in place only in tensors at fixed addresses
+                for t in self.cache.buffers():
+                    torch._dynamo.mark_static_address(t)
             self._step_fn = torch.compile(self._step_fn, mode=mode, dynamic=False)
 
     # -- the request API ------------------------------------------------------------------------------------
