@@ -2,9 +2,7 @@
 Transformer (alone, beside other requests, at another slot count, arriving later), log-probs against an fp64
 recompute, per-request stops, refusal of requests that can never fit, waiting, abort, and the host-only
 scheduler."""
-import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -45,11 +45,11 @@ class Sampler:
         kv_cache_gb: KV budget in GiB (default: free CUDA memory, or 1.5 GiB on CPU).
         max_slots: upper bound on concurrent sequences (default 256 on CPU, 2048 on CUDA).
         prefill_tokens: most prompt tokens prefilled in one forward.
-        compile: decode with the compiled static step (see Engine).
+        compile, buckets, static_step: the static decode step, compiled or not (see Engine).
     """
 
     def __init__(self, model, tokenizer, kv_cache_gb: float | None = None, max_slots: int | None = None,
-                 prefill_tokens: int = 8192, compile: bool = False, buckets=None):
+                 prefill_tokens: int = 8192, compile: bool = False, buckets=None, static_step: bool | None = None):
         self.model = model.eval()
         self.args = model.args
         p = next(model.parameters())
@@ -58,7 +58,7 @@ class Sampler:
         self.kv_cache_gb = kv_cache_gb
         self.max_slots = max_slots or (2048 if self.device.type == "cuda" else 256)
         self.prefill_tokens = prefill_tokens
-        self.compile, self.buckets = compile, buckets
+        self.compile, self.buckets, self.static_step = compile, buckets, static_step
         self.stats = {"generated_tokens": 0, "decode_steps": 0, "slot_steps": 0, "prefill_tokens": 0}
         self.plan: MemoryPlan | None = None
         self.engine: Engine | None = None
@@ -99,7 +99,8 @@ class Sampler:
         plan = self.prepare(prompts, params, indices)
         context = max(self.args.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
         engine = Engine(self.model, self.tokenizer, max_model_len=context, compile=self.compile, plan=plan,
-                        stream=False, buckets=self.buckets, prefill_tokens=self.prefill_tokens)
+                        stream=False, buckets=self.buckets, prefill_tokens=self.prefill_tokens,
+                        static_step=self.static_step)
         self.engine = engine
         for pos, (i, p) in enumerate(zip(indices, prompts)):
             engine.add_request(str(pos), p, params, noise_key=int(i))

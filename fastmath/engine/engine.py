@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .kv_cache import MemoryPlan, SharedPrefixKVCache, _size, default_kv_budget, plan_memory
+from .kv_cache import MemoryPlan, SharedPrefixKVCache, default_kv_budget, plan_memory
 from .sampling import (SamplingParams, logprob_dicts, prompt_noise_key, sample_keys, sample_tokens,
                        sample_tokens_rows, seed_word, step_keys, token_logprobs)
 from .scheduler import Scheduler
@@ -137,14 +137,17 @@ class Engine:
         plan: a ready memory plan (overrides the above).
         stream: step() reports every sample's new tokens; False reports samples only when they finish
             (no per-token host work; fastmath sample).
-        buckets: slot-count buckets of the static step (default: powers of two up to the slot count).
+        buckets: slot-count buckets of the static step (default: powers of two from 8 up to the slot count).
         prefill_tokens: most prompt tokens prefilled in one forward.
+        static_step: decode with the static step (default: when compiling); True without compile runs it
+            eagerly (to test and debug it).
     """
 
     def __init__(self, model, tokenizer, kv_cache_gb: float | None = None, max_slots: int | None = None,
                  max_model_len: int | None = None, compile: bool = False, *, max_prompt_len: int | None = None,
                  max_new_tokens: int | None = None, per_prompt: int = 1, n_prompts: int | None = None,
-                 plan: MemoryPlan | None = None, stream: bool = True, buckets=None, prefill_tokens: int = 8192):
+                 plan: MemoryPlan | None = None, stream: bool = True, buckets=None, prefill_tokens: int = 8192,
+                 static_step: bool | None = None):
         self.model = model.eval()
         self.args = model.args
         p = next(model.parameters())
@@ -159,9 +162,12 @@ class Engine:
         self.stream = stream
         if plan is None:
             budget = int(kv_cache_gb * 2**30) if kv_cache_gb else default_kv_budget(self.device)
-            plan = plan_memory(self.args, self.dtype, budget, max_prompt_len or self.max_model_len - 1,
-                               max_new_tokens or self.max_model_len - 1, per_prompt, n_prompts or self.max_slots,
-                               self.max_slots)
+            try:
+                plan = plan_memory(self.args, self.dtype, budget, max_prompt_len or self.max_model_len - 1,
+                                   max_new_tokens or self.max_model_len - 1, per_prompt, n_prompts or self.max_slots,
+                                   self.max_slots)
+            except ValueError as e:
+                raise EngineError(str(e)) from None
         self.plan = plan
         n, dev = plan.n_slots, self.device
         with torch.inference_mode():
@@ -196,10 +202,18 @@ class Engine:
         self.buckets = sorted(set(min(b, n) for b in (buckets or _pow2_buckets(n))) | {n})
         self._step_fn = None
         self.compiled = compile
-        if compile:
-            fn = functools.partial(decode_step, self.model, self.cache)
+        if compile or static_step:
+            self._step_fn = functools.partial(decode_step, self.model, self.cache)
+        if compile:  # gpt-fast's recipe: CUDA graphs on CUDA; fixed shapes per bucket, so no dynamic shapes
+            graphs = 2 * len(self.buckets) + 4  # one graph per bucket, with and without top-p/top-k filters
+            for name in ("cache_size_limit", "recompile_limit"):
+                if getattr(torch._dynamo.config, name, graphs) < graphs:
+                    setattr(torch._dynamo.config, name, graphs)
             mode = "reduce-overhead" if dev.type == "cuda" else None
-            self._step_fn = torch.compile(fn, mode=mode, dynamic=False)
+            if dev.type == "cuda":  # CUDA graphs update the cache in place only in tensors at fixed addresses
+                for t in self.cache.buffers():
+                    torch._dynamo.mark_static_address(t)
+            self._step_fn = torch.compile(self._step_fn, mode=mode, dynamic=False)
 
     # -- the request API ------------------------------------------------------------------------------------
 

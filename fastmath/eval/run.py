@@ -1,6 +1,7 @@
 """`fastmath sample`'s application: problems -> engine -> grading -> samples.jsonl, summary.json, pass_at_k.png."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,21 +10,29 @@ import torch
 from ..engine.batch import Sampler
 from ..engine.kv_cache import _size
 from ..engine.sampling import SamplingParams
+from .config import SampleConfig
 
-def evaluate(model: str = "runs/latest", data: str | None = None, out: str | None = None, n: int = 256,
-             temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 512, seed: int = 0,
-             greedy: bool = False, problems: int | None = None, template: str | None = None, fewshot: int = 0,
-             stop_at_answer: bool = True, kv_cache_gb: float | None = None, max_slots: int | None = None,
-             device: str = "auto", dtype: str = "auto", progress: bool = True, log=print) -> dict:
+def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=print, **options) -> dict:
     """Sample, grade and summarise: samples.jsonl (as problems finish), summary.json, pass_at_k.png.
 
-    Args: as `fastmath sample` (see its --help). Resumes an existing `out` folder made with the same
-    arguments; under torchrun each rank samples every world-th remaining problem and rank 0 merges.
+    Args:
+        config: every option of `fastmath sample` (see its --help); or give them as keyword `options`.
+        progress: show a progress bar. log: where one-line messages go.
+    Resumes an existing `out` folder made with the same arguments; under torchrun each rank samples every
+    world-th remaining problem and rank 0 merges.
     Returns:
         the summary dict on rank 0, None on other ranks (which write only their samples shard).
     Raises:
         sample_io.SampleError / ValueError with a one-sentence message for bad inputs.
     """
+    sc = config if config is not None else SampleConfig(**options)
+    if config is not None and options:
+        sc = dataclasses.replace(config, **options)
+    (model, data, out, n, temperature, top_p, top_k, max_new_tokens, seed, greedy, problems, template, fewshot,
+     stop_at_answer, kv_cache_gb, max_slots, device, dtype, compile_) = (
+        sc.model, sc.data, sc.out, sc.n, sc.temperature, sc.top_p, sc.top_k, sc.max_new_tokens,
+        sc.seed, sc.greedy, sc.problems, sc.template, sc.fewshot, sc.stop_at_answer, sc.kv_cache_gb,
+        sc.max_slots, sc.device, sc.dtype, sc.compile)
     import time
 
     from tqdm import tqdm
@@ -70,7 +79,7 @@ def evaluate(model: str = "runs/latest", data: str | None = None, out: str | Non
         tok.check_model_vocab(net.args.vocab_size)
         prompts = io.encode_prompts(tok, mine, template, fewshot)
         by_index = {p.index: p for p in mine}
-        sampler = Sampler(net, tok, kv_cache_gb=kv_cache_gb, max_slots=max_slots)
+        sampler = Sampler(net, tok, kv_cache_gb=kv_cache_gb, max_slots=max_slots, compile=compile_)
         plan = sampler.prepare(prompts, params, [p.index for p in mine])  # fails now, not after the bar starts
         if dist.is_main:
             log(f"{plan.n_slots} slots, {plan.n_prefixes} prompt entries, KV cache {_size(plan.cache_bytes)} "
