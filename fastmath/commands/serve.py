@@ -73,6 +73,8 @@ def command(model, host, port, api_key, served_model_name, template, max_model_l
                         compile=compile_)
     except (SampleError, CheckpointError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    if compile_:
+        _warm_up(engine, tok)
     name = served_model_name or model
     app = create_app(engine, tok, name, template=template, api_key=api_key, max_queue=max_queue)
     click.echo(f"serving {ckpt} as '{name}' on http://{host}:{port}/v1 (max_model_len {engine.max_model_len}, "
@@ -80,3 +82,19 @@ def command(model, host, port, api_key, served_model_name, template, max_model_l
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish, then runs the app's
     # lifespan shutdown, which ends the engine loop.
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)).run()
+
+
+def _warm_up(engine, tok) -> None:
+    """Compile the decode step before the port opens, so the first client does not wait for torch.compile (the
+    smallest slot bucket only; larger buckets compile when first used)."""
+    import time
+
+    from fastmath.engine import SamplingParams
+
+    click.echo("compiling the decode step (torch.compile) ...", err=True)
+    t0 = time.perf_counter()
+    engine.add_request("warm-up", [tok.bos_id], SamplingParams(n=1, temperature=0, max_new_tokens=2,
+                                                               stop_at_answer=False, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    click.echo(f"compiled in {time.perf_counter() - t0:.0f} s", err=True)
