@@ -25,7 +25,7 @@ _MISSING = "fastmath serve needs FastAPI and uvicorn: pip install 'fastmath[serv
               help="KV cache budget in GiB. Default: free GPU memory, or 1.5 GiB on CPU.")
 @click.option("--max-queue", type=click.IntRange(0), default=None,
               help="Most requests waiting for the engine; more answer 503. Default: unbounded.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (compiled before the port opens).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Weights and KV cache dtype (auto: bf16 on GPU, fp32 on CPU).")
@@ -39,8 +39,11 @@ def command(model, host, port, api_key, served_model_name, template, max_model_l
     /metrics, /tokenize, /detokenize and /tokenizer_info. SIGTERM or Ctrl-C stops accepting, finishes the
     requests in flight, then exits.
 
-    Example: fastmath serve --model runs/latest --port 8000, then
-    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "1+1=", "max_tokens": 8}'
+    \b
+    Example:
+      fastmath serve --model runs/latest --port 8000
+      curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"prompt": "What is 2+3?", "max_tokens": 32}'
     """
     try:
         import fastapi  # noqa: F401
