@@ -183,7 +183,7 @@ def run_engine(a) -> dict:
 
     base = load_base_sampler(a.base)
     work = Path(tempfile.mkdtemp(prefix="fm_bench_engine_"))
-    models = {"given": Path(a.model)} if a.model else train_models(work, a.train_steps, 0, ["tiny"])
+    models = {a.model_name: Path(a.model)} if a.model else train_models(work, a.train_steps, 0, ["tiny"])
     params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
                             seed=0, stop_at_answer=False)
     out = {"env": env_info(), "base_commit": a.base, "settings": {"n": a.n, "problems": a.problems,
@@ -201,7 +201,7 @@ def run_engine(a) -> dict:
                 toks[which], r = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0], cls=cls)
                 tps[which].append(r["tokens_per_s"])
         med = {k: statistics.median(v) for k, v in tps.items()}
-        r = {"params": num_params(model), "tokens": sum(len(t) for x in toks["engine"] for t in x),
+        r = {"checkpoint": str(ckpt), "params": num_params(model), "tokens": sum(len(t) for x in toks["engine"] for t in x),
              "base_tokens_per_s": tps["base"], "engine_tokens_per_s": tps["engine"],
              "engine_vs_base_tokens_per_s": med["engine"] / med["base"],
              "identical_samples_engine_vs_base": _same(toks["base"], toks["engine"])}
@@ -331,6 +331,7 @@ def main(argv=None):
                    help="CPU: the engine vs the sampler of --base (same process) and the compiled decode step; "
                         "written into sampler_cpu.json under 'engine'")
     p.add_argument("--base", default=BASE_COMMIT, help=f"with --engine: the commit to compare with (default {BASE_COMMIT})")
+    p.add_argument("--model-name", default="given", help="with --engine --model: its name in the results")
     p.add_argument("--reps", type=int, default=3, help="with --engine: interleaved repetitions (default 3)")
     p.add_argument("--compile-buckets", default="64,256",
                    help="with --engine: slot buckets of the compiled step ('' = skip the compile part; default 64,256)")

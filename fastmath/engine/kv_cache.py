@@ -202,9 +202,18 @@ class SharedPrefixKVCache(torch.nn.Module):
             self.pv[layer_id, self._entry_idx, :, self._pos_idx] = v
             return varlen_attention(q, k, v, self._cu, self._max)
         B, S = self._B, self._S
-        pos = self.suffix_len[:B] if self._pos is None else self._pos
-        self.sk[layer_id, self._rows, :, pos] = k  # (B, Hkv, D) at each slot's suffix length
-        self.sv[layer_id, self._rows, :, pos] = v
+        if self._mode == "static":
+            # one index_put_ on the whole buffer (no view of it): torch.compile updates it in place, where a
+            # write through a view would copy the whole cache every step
+            pos = self._pos
+            idx = (torch.full_like(pos, layer_id)[:, None], self._rows[:, None],
+                   torch.arange(k.shape[1], device=k.device)[None, :], pos[:, None])  # broadcast to (Bb, Hkv)
+            self.sk.index_put_(idx, k)
+            self.sv.index_put_(idx, v)
+        else:
+            pos = self.suffix_len[:B]
+            self.sk[layer_id, self._rows, :, pos] = k  # (B, Hkv, D) at each slot's suffix length
+            self.sv[layer_id, self._rows, :, pos] = v
         return shared_prefix_decode_attention(
             q, self.pk[layer_id], self.pv[layer_id], self.prefix_len, self._slot_prefix,
             self.sk[layer_id, :B, :, :S], self.sv[layer_id, :B, :, :S], pos + 1, self._groups,
