@@ -16,6 +16,16 @@ from fastmath.tokenizer import train_tokenizer
 from test_sampler import ScriptModel
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test models are tiny: one thread is faster, and on 2 shared cores two threads of OpenMP can wait on
+    each other for ~10 ms per op (a 40x slower test)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     recs = generate(300)

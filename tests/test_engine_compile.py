@@ -5,7 +5,7 @@ import torch
 
 from fastmath.engine import Engine, SamplingParams
 from fastmath.engine.sampling import sample_keys, sample_tokens, sample_tokens_rows, step_keys
-from test_engine import model, prompts, run, tok  # noqa: F401 (fixtures)
+from test_engine import model, one_thread, prompts, run, tok  # noqa: F401 (fixtures)
 
 
 def test_per_row_sampling_equals_sample_tokens():
