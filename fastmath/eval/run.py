@@ -38,7 +38,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
     from tqdm import tqdm
 
     from .. import distributed as dist_mod
-    from .. import metrics
+    from .. import fsio, metrics
     from .. import sample_io as io
     from ..checkpoint import load_model
     from ..data import render_prompt
@@ -90,7 +90,8 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
                    dynamic_ncols=True)
         t0, grading = time.perf_counter(), 0.0  # tokens/s counts sampling time only, not grading
         unchecked = False
-        with open(shard, "a", encoding="utf-8") as f:
+        # whole lines only (a full disk: StorageError, after the bar is closed)
+        with fsio.AppendFile(shard, hint=io.RESUME_HINT) as f, bar:
             for res in sampler.run(prompts, params, indices=[p.index for p in mine]):
                 tg = time.perf_counter()
                 p = by_index[res.index]
@@ -103,8 +104,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
                 if not metrics.validate(rec, "samples", optional=True) and not unchecked:
                     unchecked = True
                     log("jsonschema is not installed: samples.jsonl and summary.json are written without a schema check")
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+                f.append(json.dumps(rec) + "\n")
                 grading += time.perf_counter() - tg
                 elapsed = time.perf_counter() - t0 - grading
                 bar.update(1)
@@ -133,7 +133,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
         summary.update({"model": str(ckpt), "data": data_desc, "temperature": temperature, "top_p": top_p,
                         "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed})
         metrics.validate(summary, "summary", optional=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        fsio.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2), hint=io.RESUME_HINT)
         try:
             io.plot_pass_at_k(summary, out_dir / "pass_at_k.png", title=f"{ckpt.parent.name}/{ckpt.name}")
         except ImportError as e:  # matplotlib is a declared dependency, but a --no-deps install may lack it
