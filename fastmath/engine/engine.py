@@ -45,7 +45,9 @@ class EngineError(ValueError):
 class SampleOutput:
     index: int  # 0..n-1 (the greedy extra: index n)
     new_token_ids: list[int]  # generated in this step
-    token_ids: list[int]  # all generated so far
+    # All generated so far. While the sample runs these are the engine's own growing lists, not copies (copying
+    # them at every step costs O(L^2) per sample); the finishing output carries copies that stay fixed.
+    token_ids: list[int]
     logprobs: list[dict[int, float]] | None  # aligned with token_ids: chosen token + top-k, raw distribution
     finished: bool
     finish_reason: str | None  # None while running; "stop", "length" or "abort"
@@ -583,8 +585,10 @@ class Engine:
                 s = req.samples[j]
                 new = s.tokens[s.reported:]
                 s.reported = len(s.tokens)
-                samples.append(SampleOutput(j, new, list(s.tokens), None if s.logprobs is None else list(s.logprobs),
-                                            s.finished, s.finish_reason, s.stop_reason, s.text))
+                toks, lps = s.tokens, s.logprobs
+                if s.finished:
+                    toks, lps = list(toks), None if lps is None else list(lps)
+                samples.append(SampleOutput(j, new, toks, lps, s.finished, s.finish_reason, s.stop_reason, s.text))
             finished = req.n_finished == req.per_prompt
             outs.append(RequestOutput(req.id, req.prompt, None if req.sent_first else req.prompt_logprobs, samples,
                                       finished))
