@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Custom-kernel LLaMA-2 trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
     python_requires=">=3.10",
-    packages=["fastmath", "fastmath.commands", "fastmath.synth", "fastmath.kernels"],
+    packages=["fastmath", "fastmath.commands", "fastmath.engine", "fastmath.eval", "fastmath.serve", "fastmath.synth",
+              "fastmath.kernels"],
     package_dir={"fastmath.kernels": "kernels"},  # kernels/ is fastmath.kernels; never a top-level `kernels`
     package_data={"fastmath": ["schemas/*.json"]},
     install_requires=[
@@ -25,7 +26,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
-        "test": ["pytest>=7.0", "transformers>=4.40", "math-verify>=0.5"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # `fastmath serve` (FastAPI + uvicorn, as vLLM's server)
+        "test": ["pytest>=7.0", "transformers>=4.40", "math-verify>=0.5", "fastapi>=0.110", "uvicorn>=0.29",
+                 "httpx>=0.25", "lm-eval[api]>=0.4.10"],
     },
     entry_points={"console_scripts": ["fastmath=fastmath.cli:main"]},
 )

@@ -13,6 +13,13 @@ device copy), and the largest number of concurrent sequences the card holds.
 Results go to $FASTMATH_BENCH_OUT (default bench/results) as sampler_<cpu|gpu>.json, naming hardware,
 versions, shapes and date.
 
+--engine (CPU, issue 14): the request-stream engine against the sampler of an earlier commit (default: the
+last one before the engine split), loaded from `git show COMMIT:fastmath/sampler.py` into a temporary module
+and run in the same process on the same model and prompts (interleaved repetitions, median tokens/s, their
+ratio, identical samples); and the compiled static decode step (torch.compile, inductor on the CPU) against
+eager: compile time, tokens/s, identical samples. Written into sampler_cpu.json under "engine" (the rest of
+the file is kept).
+
 --gpu --smoke runs the same GPU code on the CPU with the `test` preset, a few samples and tokens, a small copy
 buffer and a small KV budget (numbers meaningless), writing sampler_gpu_smoke.json: a broken GPU path is found
 on the CPU, not on a scarce GPU.
@@ -100,8 +107,8 @@ def bench_hf(ckpt: Path, prompts, params: SamplingParams, eos: int) -> dict:
     return {"tokens": tokens, "samples": samples, "seconds": dt, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt}
 
 
-def bench_fastmath(model, tok, prompts, params: SamplingParams, max_slots=None, kv_cache_gb=None):
-    sampler = Sampler(model, tok, max_slots=max_slots, kv_cache_gb=kv_cache_gb)
+def bench_fastmath(model, tok, prompts, params: SamplingParams, max_slots=None, kv_cache_gb=None, cls=None, **kw):
+    sampler = (cls or Sampler)(model, tok, max_slots=max_slots, kv_cache_gb=kv_cache_gb, **kw)
     t0 = time.perf_counter()
     res = sorted(sampler.run(prompts, params), key=lambda r: r.index)
     dt = time.perf_counter() - t0
@@ -146,6 +153,81 @@ def run_cpu(a, save) -> dict:
         results["env"]["loadavg_end"] = os.getloadavg()
         save(results)  # after each model, so a long run keeps what it measured
     return results
+
+
+BASE_COMMIT = "d0f460f"  # the last commit before the engine split (issue 14)
+
+
+def load_base_sampler(commit: str):
+    """fastmath/sampler.py as of `commit`, imported as a temporary module inside the fastmath package."""
+    import importlib.util
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{commit}:fastmath/sampler.py"], cwd=repo, check=True, capture_output=True,
+                         text=True).stdout
+    name = "fastmath._sampler_at_" + commit
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    mod.__package__ = "fastmath"
+    sys.modules[name] = mod
+    exec(compile(src, f"{commit}:fastmath/sampler.py", "exec"), mod.__dict__)
+    return mod
+
+
+def _same(a, b) -> float:
+    return sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
+
+
+def run_engine(a) -> dict:
+    import statistics
+
+    base = load_base_sampler(a.base)
+    work = Path(tempfile.mkdtemp(prefix="fm_bench_engine_"))
+    models = {a.model_name: Path(a.model)} if a.model else train_models(work, a.train_steps, 0, ["tiny"])
+    params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                            seed=0, stop_at_answer=False)
+    out = {"env": env_info(), "base_commit": a.base, "settings": {"n": a.n, "problems": a.problems,
+           "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "slots": a.slots[0], "reps": a.reps,
+           "compile_buckets": a.compile_buckets}, "models": {}}
+    for name, ckpt in models.items():
+        model = load_model(ckpt, device="cpu", dtype=torch.float32)
+        tok = Tokenizer(ckpt)
+        cfg = json.loads((ckpt.parent / "config.json").read_text()).get("config", {}) if (ckpt.parent / "config.json").is_file() else {}
+        prompts = [encode_prompt(tok, r["question"], cfg.get("template", "vicuna")) for r in heldout_set(a.problems)]
+        tps = {"base": [], "engine": []}
+        toks = {}
+        for _ in range(a.reps):  # interleaved, so that load changes hit both alike
+            for which, cls in (("base", base.Sampler), ("engine", Sampler)):
+                toks[which], r = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0], cls=cls)
+                tps[which].append(r["tokens_per_s"])
+        med = {k: statistics.median(v) for k, v in tps.items()}
+        r = {"checkpoint": str(ckpt), "params": num_params(model), "tokens": sum(len(t) for x in toks["engine"] for t in x),
+             "base_tokens_per_s": tps["base"], "engine_tokens_per_s": tps["engine"],
+             "engine_vs_base_tokens_per_s": med["engine"] / med["base"],
+             "identical_samples_engine_vs_base": _same(toks["base"], toks["engine"])}
+        print(f"{name}: engine {med['engine']:,.0f} tok/s vs {a.base} {med['base']:,.0f} tok/s: "
+              f"ratio {r['engine_vs_base_tokens_per_s']:.3f}; identical samples "
+              f"{100 * r['identical_samples_engine_vs_base']:.1f}%", flush=True)
+        if a.compile_buckets:
+            buckets = [int(b) for b in a.compile_buckets.split(",")]
+            t0 = time.perf_counter()
+            ctoks, c = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0], compile=True, buckets=buckets)
+            compile_s = time.perf_counter() - t0  # the first run compiles every bucket it meets
+            runs = [bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0], compile=True,
+                                   buckets=buckets)[1]["tokens_per_s"] for _ in range(a.reps)]
+            stoks, st = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0], static_step=True,
+                                       buckets=buckets)
+            r["compiled"] = {"first_run_seconds_with_compile": compile_s, "tokens_per_s": runs,
+                             "vs_eager_tokens_per_s": statistics.median(runs) / med["engine"],
+                             "static_step_uncompiled_tokens_per_s": st["tokens_per_s"],
+                             "identical_samples_compiled_vs_eager": _same(toks["engine"], ctoks)}
+            print(f"{name}: compiled step {statistics.median(runs):,.0f} tok/s ({r['compiled']['vs_eager_tokens_per_s']:.2f}x "
+                  f"eager; static step uncompiled {st['tokens_per_s']:,.0f} tok/s; first run with compile "
+                  f"{compile_s:.0f}s); identical samples {100 * r['compiled']['identical_samples_compiled_vs_eager']:.1f}%",
+                  flush=True)
+        out["models"][name] = r
+    out["env"]["loadavg_end"] = os.getloadavg()
+    return out
 
 
 # --gpu --smoke: the GPU code on the CPU, tiny everything (a check of the script, not a measurement)
@@ -245,6 +327,14 @@ def main(argv=None):
     p.add_argument("--train-steps-50m", type=int, default=30, help="trainer steps for the 50M model (default 30)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for both engines (0 = torch's default; 1 is faster on a loaded machine)")
+    p.add_argument("--engine", action="store_true",
+                   help="CPU: the engine vs the sampler of --base (same process) and the compiled decode step; "
+                        "written into sampler_cpu.json under 'engine'")
+    p.add_argument("--base", default=BASE_COMMIT, help=f"with --engine: the commit to compare with (default {BASE_COMMIT})")
+    p.add_argument("--model-name", default="given", help="with --engine --model: its name in the results")
+    p.add_argument("--reps", type=int, default=3, help="with --engine: interleaved repetitions (default 3)")
+    p.add_argument("--compile-buckets", default="64,256",
+                   help="with --engine: slot buckets of the compiled step ('' = skip the compile part; default 64,256)")
     p.add_argument("--gpu-new-tokens", type=int, default=256, help="GPU: tokens per sample (default 256)")
     p.add_argument("--smoke", action="store_true",
                    help="with --gpu: run the GPU code on the CPU to check the script (the `test` preset, "
@@ -263,7 +353,13 @@ def main(argv=None):
     def save(res):
         path.write_text(json.dumps(res, indent=2))
 
-    save(run_gpu(a) if a.gpu else run_cpu(a, save))
+    if a.engine:
+        path = out / "sampler_cpu.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        old["engine"] = run_engine(a)
+        save(old)
+    else:
+        save(run_gpu(a) if a.gpu else run_cpu(a, save))
     print(f"wrote {path}")
 
 

@@ -8,6 +8,7 @@ import click
 COMMANDS = {
     "train": ("fastmath.commands.train", "Packed-sequence SFT of a LLaMA-2 model (CPU, one GPU, or torchrun)."),
     "sample": ("fastmath.commands.sample", "Sample N answers per problem, grade them, report Pass@k."),
+    "serve": ("fastmath.commands.serve", "Serve a model over OpenAI's HTTP API (completions, chat, tokenizer)."),
     "grade": ("fastmath.commands.grade", "Re-grade an existing samples.jsonl and write summary.json."),
     "synth": ("fastmath.commands.synth", "Synthesise new math questions and answers with GPT-4 Turbo."),
     "info": ("fastmath.commands.info", "Print versions, device, attention backend and kernel status."),

@@ -1,0 +1,4 @@
+"""The `fastmath sample` application: problems -> engine -> grading -> samples/summary/plots."""
+from .run import evaluate
+
+__all__ = ["evaluate"]
