@@ -1,0 +1,149 @@
+"""`Tokenizer(dir)` on byte-level BPE `tokenizer.json` directories against transformers' AutoTokenizer.
+
+The tests build the tokenizers themselves (nothing is downloaded): a LLaMA-3-style one (split regex + byte
+level, a post-processor that adds <|begin_of_text|>, three EOS ids in generation_config.json) and a
+Qwen2.5-style one (no BOS, tokenizer_class Qwen2Tokenizer, pad token).
+"""
+import json
+import random
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from fastmath.tokenizer import Tokenizer  # noqa: E402
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = [f"Sam has {i} apples and buys {i * 3 + 7} more. How many apples does Sam have now?\nThe answer is: "
+          f"{i * 4 + 7}" for i in range(300)] + [
+    "Let $x^2 + 3x = 10$. Then \\frac{a}{b} = \\sqrt{2}, and π ≈ 3.14159.", "ünïcödé 中文 日本語 🙂 emoji",
+    "  leading spaces\ttabs\r\nwindows lines", "I'm sure they've said it's theirs; we'd go, you'll see."]
+STRINGS = CORPUS[:3] + CORPUS[-4:] + [
+    "", " ", "\n\n", "12345678901234567890", "x" * 50, "The answer is: \\boxed{42}", "a<|eot_id|>b",
+    "<|begin_of_text|>already has a BOS", "Hello , world ! isn 't it ?", "🙂🙃 mixed 中文 and café", "\u00a0nbsp",
+    "trailing space ", "tab\tand\nnewline", "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits every digit
+
+
+def _bpe(specials: list[str], pre_tokenizer, post_processor, vocab_size=600, normalizer=None):
+    from tokenizers import Tokenizer as T, decoders, models, pre_tokenizers, trainers
+
+    tok = T(models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if post_processor is not None:
+        tok.post_processor = post_processor(tok)
+    return tok
+
+
+def make_llama3(path):
+    from tokenizers import Regex, pre_tokenizers, processors
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|start_header_id|>",
+                "<|end_header_id|>"]
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    post = lambda tok: processors.TemplateProcessing(  # noqa: E731
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    tok = _bpe(specials, pre, post)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": True, "model_max_length": 131072}))
+    ids = [tok.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.token_to_id("<|begin_of_text|>"),
+                                                             "eos_token_id": ids}))
+    return ids
+
+
+def make_qwen2(path):
+    from tokenizers import Regex, normalizers, pre_tokenizers, processors
+
+    # Qwen2.5's pipeline (transformers 5 rebuilds a Qwen2Tokenizer's pipeline from its class, so it must be it)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = _bpe(specials, pre, lambda tok: processors.ByteLevel(trim_offsets=False), normalizer=normalizers.NFC())
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "clean_up_tokenization_spaces": False,
+        "errors": "replace", "model_max_length": 131072}))
+    return [tok.token_to_id("<|im_end|>")]
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    eos = (make_llama3 if request.param == "llama3" else make_qwen2)(path)
+    return request.param, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path), eos
+
+
+def test_ids_match_transformers_with_and_without_special_tokens(pair):
+    kind, tok, ref, _ = pair
+    assert tok.kind == "tokenizers" and tok.vocab_size == len(ref)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                    ref.pad_token_id if ref.pad_token_id is not None else tok.eos_id)
+    for s in STRINGS:
+        assert tok.encode(s) == ref(s).input_ids, s
+        assert tok.encode(s, bos=False) == ref(s, add_special_tokens=False).input_ids, s
+        assert tok.encode(s, bos=False, eos=True) == ref(s, add_special_tokens=False).input_ids + [ref.eos_token_id]
+    assert tok.encode_batch(STRINGS) == ref(STRINGS).input_ids
+    if kind == "llama3":
+        assert tok.encode("hi")[0] == tok.bos_id  # the post-processor's BOS
+    else:
+        assert tok.bos_id is None and tok.encode("hi") == tok.encode("hi", bos=False)
+
+
+def test_decode_matches_transformers_skip_special_tokens(pair):
+    _, tok, ref, _ = pair
+    rng = random.Random(0)
+    for s in STRINGS:
+        ids = ref(s).input_ids
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), s
+    for _ in range(200):  # arbitrary id sequences, including cut UTF-8 sequences and special tokens
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), ids
+
+
+def test_eos_is_the_generation_config_set(pair):
+    kind, tok, _, eos = pair
+    assert tok.eos_ids == frozenset(eos) | {tok.eos_id}
+    if kind == "llama3":
+        assert len(tok.eos_ids) == 3  # <|end_of_text|>, <|eom_id|>, <|eot_id|> as LLaMA-3.1-Instruct
+
+
+def test_token_bytes_on_byte_level_and_sentencepiece(pair, tmp_path):
+    _, tok, _, _ = pair
+    for s in ("The answer is: 42\n", "café 🙂\n\n"):
+        ids = tok.encode(s, bos=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == s.encode()
+    newline = [i for i in range(tok.vocab_size) if b"\n" in tok.token_bytes(i)]
+    assert newline and all("\n" in tok._hf.decode([i]) for i in newline)
+    from fastmath.tokenizer import train_tokenizer
+
+    sp = train_tokenizer(CORPUS, tmp_path / "sp.model", vocab_size=400)
+    ids = sp.encode("The answer is: 42\nok", bos=False)
+    assert b"".join(sp.token_bytes(i) for i in ids) == b" The answer is: 42\nok"  # SentencePiece's dummy prefix
+
+
+def test_bad_tokenizer_directories(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizers tokenizer.json"):
+        Tokenizer(tmp_path)
+    make_qwen2(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not a token"):
+        Tokenizer(tmp_path)
