@@ -24,6 +24,7 @@ STRINGS = CORPUS[:3] + CORPUS[-4:] + [
     "", " ", "\n\n", "12345678901234567890", "x" * 50, "The answer is: \\boxed{42}", "a<|eot_id|>b",
     "<|begin_of_text|>already has a BOS", "Hello , world ! isn 't it ?", "🙂🙃 mixed 中文 and café", "\u00a0nbsp",
     "trailing space ", "tab\tand\nnewline", "<|im_start|>user\nhi<|im_end|>",
+    "cafe\u0301 (NFD)",
 ]
 
 
