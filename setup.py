@@ -3,7 +3,7 @@ from setuptools import setup
 setup(
     name="fastmath",
     version="0.1.0",
-    description="Custom-kernel LLaMA-2 trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
+    description="Custom-kernel LLaMA-family trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
     python_requires=">=3.10",
     packages=["fastmath", "fastmath.commands", "fastmath.engine", "fastmath.eval", "fastmath.serve", "fastmath.synth",
               "fastmath.kernels"],
@@ -13,6 +13,8 @@ setup(
         "torch>=2.4",  # never pinned: GPU users bring their own CUDA build
         "triton>=3.0; platform_system == 'Linux'",
         "sentencepiece>=0.1.99",
+        "tokenizers>=0.19",  # tokenizer.json checkpoints (LLaMA-3.x, Qwen2.5): byte-level BPE
+        "jinja2>=3.1.6",  # checkpoints' chat templates, sandboxed (older versions have known sandbox escapes)
         "safetensors>=0.4",
         "numpy>=1.24",
         "sympy>=1.12",

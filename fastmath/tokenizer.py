@@ -64,7 +64,8 @@ class Tokenizer:
             (`tokenizer.model` first when both are there: fastmath's own directories; the ids are the same).
     Attributes:
         kind: "sentencepiece" or "tokenizers"; vocab_size (with added tokens); bos_id (None when the tokenizer
-        has no BOS, as Qwen2.5); eos_id; eos_ids (frozenset); unk_id (None when there is none); pad_id.
+        has no BOS, as Qwen2.5); eos_id; eos_ids (frozenset); unk_id (None when there is none); pad_id;
+        chat_template (the checkpoint's jinja text or None) and special_tokens (their strings, for the template).
     """
 
     def __init__(self, model_path: str | os.PathLike):
@@ -81,9 +82,24 @@ class Tokenizer:
             self._load_tokenizer_json(path)
         else:
             self._load_sentencepiece(path)
+        self._read_chat_template(path.parent)
         generation = _read_json(path.parent / "generation_config.json").get("eos_token_id")
         extra = generation if isinstance(generation, list) else [generation] if generation is not None else []
         self.eos_ids: frozenset[int] = frozenset([self.eos_id, *map(int, extra)])
+
+    def _read_chat_template(self, directory: Path):
+        """chat_template.jinja (transformers 5 writes it) or tokenizer_config.json's `chat_template` (a string, or
+        a list of named templates of which "default" is used), and the special tokens a template may use."""
+        config = _read_json(directory / "tokenizer_config.json")
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        self.chat_template: str | None = template
+        self.special_tokens = {name: _token_text(config.get(name))
+                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                               if _token_text(config.get(name)) is not None}
 
     def _load_sentencepiece(self, path: Path):
         self.sp = spm.SentencePieceProcessor()

@@ -1,0 +1,108 @@
+"""The checkpoint's own chat template against transformers' apply_chat_template, on the real LLaMA-3.1-Instruct,
+Mistral-7B-Instruct-v0.3 and Qwen2.5-Instruct template strings (tests/data/chat_templates/, copied verbatim from
+their tokenizer_config.json). The tokenizers are the byte-level BPE ones tests/test_tokenizer_json.py builds."""
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from fastmath.chat_template import ChatTemplateError, encode_chat, render_chat  # noqa: E402
+from fastmath.tokenizer import Tokenizer  # noqa: E402
+from test_tokenizer_json import _bpe, make_llama3, make_qwen2  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "data" / "chat_templates"
+
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 3?"}],
+    [{"role": "system", "content": "  Reason step by step.  "}, {"role": "user", "content": "Solve $x^2 = 4$.\n"}],
+    [{"role": "user", "content": "Sam has 3 apples."}, {"role": "assistant", "content": "OK."},
+     {"role": "user", "content": "He buys 7 more. How many? ünïcödé 🙂"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b", "tool_calls": None}, {"role": "user", "content": "c"}],
+]
+
+
+def make_mistral(path):
+    """A byte-level stand-in for Mistral v0.3's tokenizer.json: <s> added by the post-processor, [INST] tokens."""
+    from tokenizers import pre_tokenizers, processors
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
+    tok = _bpe(specials, pre_tokenizers.ByteLevel(add_prefix_space=False), lambda t: processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", t.token_to_id("<s>"))]))
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+FAMILIES = {"llama3.1-8b-instruct": make_llama3, "mistral-7b-instruct-v0.3": make_mistral,
+            "qwen2.5-instruct": make_qwen2}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def chat_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    FAMILIES[request.param](path)
+    fixture = json.loads((FIXTURES / f"{request.param}.json").read_text())
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update({k: fixture[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")})
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return request.param, path, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_rendering_matches_apply_chat_template(chat_dir):
+    name, _, tok, ref = chat_dir
+    assert tok.chat_template == ref.chat_template
+    for chat in CHATS:
+        want = ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert render_chat(tok.chat_template, chat, True, tok.special_tokens) == want
+        assert render_chat(tok.chat_template, chat, False, tok.special_tokens) == \
+            ref.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+    if name.startswith("llama"):  # a template variable the caller may set
+        assert "Today Date: 01 Jan 2030" in render_chat(tok.chat_template, CHATS[0], True, tok.special_tokens,
+                                                        date_string="01 Jan 2030")
+
+
+def test_encoding_matches_and_has_one_bos(chat_dir):
+    name, _, tok, ref = chat_dir
+    for chat in CHATS:
+        ids = encode_chat(tok, chat)
+        want = ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == want
+        if tok.bos_id is not None:
+            assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # the template's BOS, no second one
+        else:
+            assert name.startswith("qwen")
+
+
+def test_template_refusals_are_clear_errors(chat_dir):
+    name, _, tok, ref = chat_dir
+    if name.startswith("mistral"):  # the template's own raise_exception
+        bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        with pytest.raises(ChatTemplateError, match="roles must alternate"):
+            render_chat(tok.chat_template, bad, True, tok.special_tokens)
+        with pytest.raises(Exception, match="roles must alternate"):
+            ref.apply_chat_template(bad, add_generation_prompt=True, tokenize=False)
+
+
+def test_sandbox_helpers_and_escapes():
+    assert render_chat("{{ strftime_now('%Y') }}", [{"role": "user", "content": ""}]) == str(datetime.now().year)
+    assert render_chat("{{ messages[0] | tojson }}", [{"role": "user", "content": "<&>"}]) == \
+        '{"role": "user", "content": "<&>"}'  # transformers' tojson: no HTML escaping
+    for evil in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{% set ns = namespace() %}{% set ns._x = 1 %}",
+                 "{{ messages.append(1) }}"):
+        with pytest.raises(ChatTemplateError):
+            render_chat(evil, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="line 1"):
+        render_chat("{% if %}", [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="boom"):
+        render_chat("{{ raise_exception('boom') }}", [{"role": "user", "content": "hi"}])
+
+
+def test_encode_chat_needs_a_template(tmp_path):
+    make_qwen2(tmp_path)
+    with pytest.raises(ChatTemplateError, match="no chat_template"):
+        encode_chat(Tokenizer(tmp_path), CHATS[0])
