@@ -1,9 +1,10 @@
-"""Read and write Hugging Face LLaMA checkpoint directories.
+"""Read and write Hugging Face checkpoint directories of the LLaMA block: LlamaForCausalLM (LLaMA-2, 3.x),
+MistralForCausalLM and Qwen2ForCausalLM.
 
 A directory holds `config.json`, `generation_config.json`, `model.safetensors` (or shards
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`), and, when known,
-`tokenizer.model` and `tokenizer_config.json`. LLaMA-2 weights from the hub open as they are, and
-what fastmath writes opens in `transformers.LlamaForCausalLM.from_pretrained` unchanged.
+`tokenizer.model` or `tokenizer.json` and `tokenizer_config.json`. Hub weights open as they are, and
+what fastmath writes opens in transformers' `AutoModelForCausalLM.from_pretrained` as the same architecture.
 
 Loading builds the model on the meta device and streams tensors shard by shard with plain reads (no
 mmap, so page cache is not counted as resident memory) straight into the target dtype and device:
@@ -338,15 +339,14 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
     to appear all at once write it under a temporary name and rename it, as the trainer does).
 
     Args:
-        tokenizer_path: a SentencePiece model copied in as tokenizer.model (and its tokenizer_config.json).
+        tokenizer_path: a SentencePiece model, a tokenizer.json or a checkpoint directory: copied in with the
+            base's tokenizer_config.json (chat template) and generation_config.json (see `_write_tokenizer`).
         dtype: dtype of the stored weights (default: the model's).
         max_shard_size: bytes per safetensors shard; larger models are sharded with an index file.
         state_dict: the full (unsharded) state dict, when `model` itself is sharded (FSDP).
     Raises:
         OSError: the disk is full or failing (the directory is then incomplete).
     """
-    from .fsio import copy_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
@@ -357,22 +357,12 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
             continue  # one tensor, stored as embed_tokens only (as transformers saves tied weights)
         hf_name = name if name.startswith("lm_head.") else "model." + name
         hf_state[hf_name] = t.detach().to("cpu", dtype).contiguous()
-    bos, eos = 1, 2
+    bos, eos, generation = 1, 2, None
     if tokenizer_path is not None:
-        from .tokenizer import Tokenizer
-
-        tok = Tokenizer(tokenizer_path)
-        tok.check_model_vocab(model.args.vocab_size)
-        bos, eos = tok.bos_id, tok.eos_id
-        copy_file(tok.path, directory / "tokenizer.model")
-        _write_json(directory / "tokenizer_config.json",
-                    {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                     "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-                     "clean_up_tokenization_spaces": False, "legacy": False,
-                     "model_max_length": model.args.max_seq_len})
+        bos, eos, generation = _write_tokenizer(tokenizer_path, directory, model.args)
     _write_json(directory / "config.json", args_to_hf_config(model.args, dtype, bos, eos))
     _write_json(directory / "generation_config.json",
-                {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len})
+                generation or {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len})
     shards = _shard(hf_state, max_shard_size)
     for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
@@ -388,6 +378,34 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
         _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                                   "weight_map": weight_map})
     return directory
+
+
+def _write_tokenizer(tokenizer_path, directory: Path, args: ModelArgs):
+    """Copy the tokenizer into a checkpoint directory: tokenizer.model or tokenizer.json, with the base's own
+    tokenizer_config.json (its chat template), special_tokens_map.json, chat_template.jinja and
+    generation_config.json when it has them (a LLaMA-2 tokenizer_config.json is written for a bare
+    SentencePiece file). Returns (bos id, eos id or ids for config.json, the base's generation_config or None)."""
+    from .fsio import copy_file
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    tok.check_model_vocab(args.vocab_size)
+    source = tok.path.parent
+    copy_file(tok.path, directory / ("tokenizer.json" if tok.kind == "tokenizers" else "tokenizer.model"))
+    for name in ("special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).is_file() and source.resolve() != directory.resolve():
+            copy_file(source / name, directory / name)
+    if (source / "tokenizer_config.json").is_file():
+        if source.resolve() != directory.resolve():
+            copy_file(source / "tokenizer_config.json", directory / "tokenizer_config.json")
+    elif tok.kind == "sentencepiece":
+        _write_json(directory / "tokenizer_config.json",
+                    {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                     "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+                     "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": args.max_seq_len})
+    generation = read_json(source / "generation_config.json") if (source / "generation_config.json").is_file() else None
+    eos = sorted(tok.eos_ids) if len(tok.eos_ids) > 1 else tok.eos_id
+    return tok.bos_id, eos, generation
 
 
 def checkpoint_bytes(state: dict, dtype=None) -> int:

@@ -218,7 +218,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
         has_prompt = [i for i, p in enumerate(prompts[s:s + chunk]) if p is not None]
         pr = dict(zip(has_prompt, tokenizer.encode_batch([prompts[s + i] for i in has_prompt], bos=True)))
         for i, r in enumerate(resp):
-            p = pr.get(i, [tokenizer.bos_id])
+            p = pr[i] if i in pr else tokenizer.encode("", bos=True)  # BOS alone, where the tokenizer has one
             n_prompt[s + i] = len(p)
             ids_all.append(np.asarray(p + r, dtype=np.int32))
     lengths = np.array([len(x) for x in ids_all], dtype=np.int64)

@@ -194,3 +194,27 @@ def test_qwen2_active_sliding_window_is_kept(tmp_path):
                                                                                 "rope_theta": 1e6}}))
     with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
         fastmath.load_model(tmp_path)
+
+
+def test_save_copies_a_tokenizer_json_with_its_template_and_eos_list(tmp_path):
+    """save_checkpoint(tokenizer_path=base) writes tokenizer.json, the base's tokenizer_config.json (chat template)
+    and generation_config.json (the EOS list): transformers reopens the same tokenizer and stops on every EOS."""
+    from test_tokenizer_json import make_llama3
+
+    base = tmp_path / "base"
+    eos = make_llama3(base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"}))
+    hf = make_hf("llama3-gqa-tied")
+    hf.resize_token_embeddings(len(json.loads((base / "tokenizer.json").read_text())["model"]["vocab"]) + 16)
+    hf.save_pretrained(tmp_path / "model")
+    fm = fastmath.load_model(tmp_path / "model")
+    out = save_checkpoint(fm, tmp_path / "final", tokenizer_path=base)
+    assert not (out / "tokenizer.model").exists()
+    ref_base, ref = (transformers.AutoTokenizer.from_pretrained(p) for p in (base, out))
+    text = "Sam has 3 apples.\nThe answer is: 3"
+    assert ref(text).input_ids == ref_base(text).input_ids == fastmath.Tokenizer(out).encode(text)
+    assert ref.chat_template == ref_base.chat_template
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert sorted(gen.eos_token_id) == sorted(eos)
+    assert sorted(json.loads((out / "config.json").read_text())["eos_token_id"]) == sorted(eos)
