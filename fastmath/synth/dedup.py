@@ -13,7 +13,10 @@ import hashlib
 import math
 import re
 import unicodedata
+from array import array
 from collections import Counter, defaultdict
+
+import numpy as np
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -165,3 +168,205 @@ class ContaminationIndex:
                 if source is not None:
                     return source
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounded memory at the paper's scale (1.44M questions): MinHash-LSH candidates, verified by exact Jaccard.
+
+_M1 = 0x9E3779B97F4A7C15  # odd 64-bit multipliers (golden ratio, splitmix64) for combining hashes
+_M2 = 0xBF58476D1CE4E5B9
+_M3 = 0x94D049BB133111EB
+_SLOT_BITS = 27  # a band-table entry packs (band: 5 bits, band hash: 32 bits, slot: 27 bits) into one uint64
+_BLOCK = 1 << 24  # gram hashes are stored in numpy blocks of 16M uint32 (64 MB)
+
+
+def lsh_params(threshold, target=0.9995, max_bands=32, max_rows=16):
+    """(bands, rows) with the most rows per band (fewest chance candidates) whose probability of making a pair of
+    Jaccard `threshold` a candidate, 1 - (1 - t^rows)^bands, is at least `target`. For t = 0.7: (28, 4)."""
+    best = (max_bands, 1)
+    for rows in range(1, max_rows + 1):
+        p = threshold ** rows
+        if p >= 1:
+            return 1, rows
+        bands = math.ceil(math.log(1 - target) / math.log(1 - p))
+        if bands <= max_bands:
+            best = (bands, rows)
+    return best
+
+
+def _mix(x):
+    """splitmix64 finaliser on a uint64 numpy array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(_M2)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(_M3)
+    return x ^ (x >> np.uint64(31))
+
+
+class MinHashLSHIndex:
+    """Near-duplicate lookup over a growing set of texts in about 0.35 KB per text (1.44M texts < 1 GB).
+
+    Same interface and decisions as `NearDupIndex` up to the LSH recall (>= 99.95% at the threshold, more above):
+    word n-grams are hashed to 32 bits and kept sorted per text (4 bytes per gram); `bands` x `rows` MinHash
+    values (multiply-shift hashes of the 32-bit grams) give one 32-bit key per band; every key is packed with
+    its band and slot into one uint64 of a sorted array (merged from a small dict of recent keys), so a lookup
+    is one `searchsorted`. Candidates are verified by the exact Jaccard of their stored gram sets, so nothing
+    below the threshold is ever reported. Everything is seeded: the same texts give the same answers in every
+    process (a resumed run makes the same decisions).
+
+    Args:
+        n: word n-gram size.
+        threshold: Jaccard similarity at or above which two texts are near duplicates.
+        seed: seed of the MinHash permutations.
+    """
+
+    VERSION = "minhash-lsh+exact-jaccard-v1"
+
+    def __init__(self, n=3, threshold=0.7, seed=1, pending_limit=1 << 18):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+        self.n, self.threshold, self.seed = n, threshold, seed
+        self.bands, self.rows = lsh_params(threshold)
+        rng = np.random.default_rng(seed)
+        perms = self.bands * self.rows
+        self._a = rng.integers(1, 2**63, size=perms, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+        self._b = rng.integers(0, 2**63, size=perms, dtype=np.uint64)
+        self._band_tag = (np.arange(self.bands, dtype=np.uint64) << np.uint64(32 + _SLOT_BITS))
+        self._blocks = [np.empty(_BLOCK, dtype=np.uint32)]  # gram hashes, each text contiguous in one block
+        self._fill = 0  # used length of the last block
+        self._where = array("Q")  # slot -> block << 32 | offset
+        self._len = array("I")  # slot -> number of grams
+        self._alive = bytearray()
+        self._keys = []  # slot -> key
+        self._slot = {}  # key -> slot (live keys)
+        self._table = np.empty(0, dtype=np.uint64)  # sorted (band, band hash, slot) entries
+        self._pending = {}  # band | hash prefix (int) -> list of slots, not yet merged into _table
+        self._pending_n, self._pending_limit = 0, pending_limit
+        self._word_cache = {}
+        self._memo = (None, None)  # (text, (grams, band prefixes)): query-then-add hashes once
+
+    @classmethod
+    def describe_params(cls, n, threshold, seed=1):
+        bands, rows = lsh_params(threshold)
+        return {"algorithm": cls.VERSION, "ngram": n, "threshold": threshold, "bands": bands, "rows": rows,
+                "seed": seed}
+
+    def describe(self):
+        return self.describe_params(self.n, self.threshold, self.seed)
+
+    def __len__(self):
+        return len(self._slot)
+
+    def __getstate__(self):  # the memo and word cache are rebuilt on demand
+        state = dict(self.__dict__)
+        state["_memo"], state["_word_cache"] = (None, None), {}
+        return state
+
+    # ---- hashing ----------------------------------------------------------------------------------------------
+    def _word_hashes(self, tokens):
+        cache = self._word_cache
+        if len(cache) > 200_000:  # bounded: frequent words come back at once
+            cache.clear()
+        out = []
+        for w in tokens:
+            h = cache.get(w)
+            if h is None:
+                h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+            out.append(h)
+        return np.array(out, dtype=np.uint64)
+
+    def _sketch(self, text):
+        """(sorted unique uint32 gram hashes, band prefixes as uint64) of a text; cached for the last text."""
+        if self._memo[0] == text:
+            return self._memo[1]
+        tokens = words(text)
+        if not tokens:
+            result = (np.empty(0, dtype=np.uint32), None)
+        else:
+            h = self._word_hashes(tokens)
+            n = min(self.n, len(h))  # a text shorter than n words is one gram, the whole text
+            g = h[:len(h) - n + 1].copy()
+            for j in range(1, n):
+                g = g * np.uint64(_M1) + h[j:len(h) - n + 1 + j]
+            grams = np.unique((_mix(g) >> np.uint64(32)).astype(np.uint32))
+            hv = (grams.astype(np.uint64)[:, None] * self._a + self._b) >> np.uint64(32)  # (grams, perms)
+            mins = hv.min(axis=0).reshape(self.bands, self.rows)
+            key = mins[:, 0].copy()
+            for r in range(1, self.rows):
+                key = key * np.uint64(_M1) + mins[:, r]
+            key = _mix(key) >> np.uint64(32)  # 32-bit band hash
+            result = (grams, self._band_tag | (key << np.uint64(_SLOT_BITS)))
+        self._memo = (text, result)
+        return result
+
+    def _grams_of(self, slot):
+        where = self._where[slot]
+        off = where & 0xFFFFFFFF
+        return self._blocks[where >> 32][off:off + self._len[slot]]
+
+    # ---- queries ----------------------------------------------------------------------------------------------
+    def query(self, text):
+        """The closest indexed text that duplicates `text`: None or (key, Jaccard similarity >= threshold).
+        Ties go to the earliest added text."""
+        grams, prefixes = self._sketch(text)
+        if prefixes is None:
+            return None
+        candidates = set()
+        if len(self._table):
+            lo = np.searchsorted(self._table, prefixes, "left")
+            hi = np.searchsorted(self._table, prefixes | np.uint64((1 << _SLOT_BITS) - 1), "right")
+            for i in np.nonzero(hi > lo)[0]:
+                candidates.update((self._table[lo[i]:hi[i]] & np.uint64((1 << _SLOT_BITS) - 1)).tolist())
+        for p in prefixes.tolist():
+            hit = self._pending.get(p)
+            if hit is not None:
+                candidates.update(hit)
+        best = None
+        for slot in sorted(candidates):
+            if not self._alive[slot]:
+                continue
+            other = self._grams_of(slot)
+            both = np.concatenate((grams, other))
+            both.sort()
+            inter = int(np.count_nonzero(both[1:] == both[:-1]))
+            sim = inter / (len(grams) + len(other) - inter)
+            if sim >= self.threshold - 1e-12 and (best is None or sim > best[1]):
+                best = (self._keys[slot], sim)
+        return best
+
+    def add(self, key, text):
+        """Index `text` under `key` (a key already present is replaced)."""
+        if key in self._slot:
+            self.remove(key)
+        grams, prefixes = self._sketch(text)
+        slot = len(self._keys)
+        if slot >= 1 << _SLOT_BITS:
+            raise ValueError(f"MinHashLSHIndex holds at most {1 << _SLOT_BITS} texts")
+        if self._fill + len(grams) > _BLOCK:
+            self._blocks.append(np.empty(_BLOCK, dtype=np.uint32))
+            self._fill = 0
+        self._blocks[-1][self._fill:self._fill + len(grams)] = grams
+        self._where.append((len(self._blocks) - 1) << 32 | self._fill)
+        self._len.append(len(grams))
+        self._fill += len(grams)
+        self._alive.append(1)
+        self._keys.append(key)
+        self._slot[key] = slot
+        if prefixes is not None:
+            for p in prefixes.tolist():
+                self._pending.setdefault(p, []).append(slot)
+            self._pending_n += len(prefixes)
+            if self._pending_n >= self._pending_limit:
+                self._merge()
+
+    def _merge(self):
+        new = np.array(sorted(p | s for p, slots in self._pending.items() for s in slots), dtype=np.uint64)
+        self._table = np.insert(self._table, np.searchsorted(self._table, new), new)
+        self._pending.clear()
+        self._pending_n = 0
+
+    def remove(self, key):
+        """Forget `key` (no-op when absent); its table entries stay and are skipped."""
+        slot = self._slot.pop(key, None)
+        if slot is not None:
+            self._alive[slot] = 0
