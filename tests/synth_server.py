@@ -268,7 +268,8 @@ class FakeOpenAI:
                 self.billed.append((b["id"], cid, reply["usage"]))
                 response = {"status_code": 200, "request_id": f"req_{i}", "body": reply}
                 if cid in fault.get("malformed_ids", ()):
-                    response = {"status_code": 200, "request_id": f"req_{i}", "body": {"id": "x"}}
+                    response = {"status_code": 200, "request_id": f"req_{i}",
+                                "body": {"id": reply["id"], "usage": reply["usage"]}}  # no choices
                 out.append(json.dumps({"id": f"batch_req_{b['id']}_{i}", "custom_id": cid, "response": response,
                                        "error": None}))
             out.extend("{truncated garbage" for _ in range(fault.get("garbage", 0)))

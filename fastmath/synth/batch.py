@@ -257,7 +257,7 @@ def parse_output_line(line, sub, cfg):
 class BatchRunner:
     """The submit / poll / collect loop over a replayed `SynthState` and `Submissions`."""
 
-    def __init__(self, state, subs, journal, api, cfg, price, header, apply, out=sys.stderr):
+    def __init__(self, state, subs, journal, api, cfg, price, header, apply, out=None):
         self.state, self.subs, self.journal, self.api = state, subs, journal, api
         self.cfg, self.price, self.header, self.apply, self.out = cfg, price, header, apply, out
         self.batches_created = 0  # this session
@@ -422,7 +422,8 @@ class BatchRunner:
                          f"{last.get('total', len(sub.ids))} {last.get('status', 'pending')}")
         spend = f"${self.spent():.4f} spent, ${self.subs.reserved():.4f} reserved" if self.price else ""
         print(f"[synth --batch] round {self.subs.round}: kept {self.state.kept}/{self.state.n_target}; {spend}; "
-              f"batches (completed/failed/total): " + ("; ".join(parts) or "none"), file=self.out, flush=True)
+              f"batches (completed/failed/total): " + ("; ".join(parts) or "none"), file=self.out or sys.stderr,
+              flush=True)
 
     def run(self):
         """Returns the stop reason: None (done), "submitted" (--no-wait), "max_cost" or "max_items"."""

@@ -821,7 +821,7 @@ def _report(state, cfg, paths, n_target, max_items, price, stopped, error, retri
                                                           "unparseable_answer")},
         "contaminated_by_file": dict(sorted(state.contaminated_by.items())),
         "rejected_replies": {"question": state.rejected.get("question", 0), "answer": state.rejected.get("answer", 0),
-                             "batch_line": state.rejected.get("batch_line", 0)},
+                             **({"batch_line": state.rejected.get("batch_line", 0)} if cfg.batch else {})},
         "consistency": {"k": cfg.consistency, "voted": state.voted, "kept": state.voted - state.dropped["inconsistent"],
                         "dropped": state.dropped["inconsistent"]},
         "dedup": dedup_descriptor(cfg),
