@@ -133,6 +133,9 @@ class NearDupIndex:
 class ContaminationIndex:
     """Word n-gram index of evaluation questions.
 
+    Grams are 64-bit hashes of the word hashes (`combine_ngrams`); a query hashes its grams in one numpy pass
+    and looks them up in a sorted array (rebuilt lazily after adds), so it costs tens of microseconds.
+
     Args:
         n: n-gram size; a question that shares any n-gram with an evaluation question is contaminated.
     """
@@ -141,6 +144,7 @@ class ContaminationIndex:
         self.n = n
         self._grams = {}  # gram hash -> source label of the first evaluation question holding it
         self._short = defaultdict(dict)  # length L < n -> {hash of the whole question: source}
+        self._sorted = None  # {length: sorted uint64 array of the keys}, built at the first query after an add
         self.size = 0
 
     def add(self, text, source):
@@ -149,24 +153,33 @@ class ContaminationIndex:
         if not tokens:
             return
         self.size += 1
+        self._sorted = None
+        h = word_hash_array(tokens)
         if len(tokens) < self.n:
-            self._short[len(tokens)].setdefault(_hash(tokens), source)
+            self._short[len(tokens)].setdefault(int(combine_ngrams(h, len(tokens))[0]), source)
             return
-        for g in ngram_hashes(tokens, self.n):
+        for g in combine_ngrams(h, self.n).tolist():
             self._grams.setdefault(g, source)
 
     def query(self, text):
         """The source label of an evaluation question that `text` overlaps, or None."""
         tokens = words(text)
-        for g in ngram_hashes(tokens, self.n) if len(tokens) >= self.n else ():
-            source = self._grams.get(g)
-            if source is not None:
-                return source
-        for length, table in self._short.items():
-            for i in range(len(tokens) - length + 1):
-                source = table.get(_hash(tokens[i:i + length]))
-                if source is not None:
-                    return source
+        if not tokens:
+            return None
+        if self._sorted is None:
+            self._sorted = {length: np.sort(np.fromiter(table, dtype=np.uint64, count=len(table)))
+                            for length, table in [(self.n, self._grams), *self._short.items()]}
+        h = word_hash_array(tokens)
+        for length in sorted(self._sorted, key=lambda L: L != self.n):  # n-grams first, as before
+            keys = self._sorted[length]
+            if len(tokens) < length or not len(keys):
+                continue
+            g = combine_ngrams(h, length)
+            idx = np.minimum(np.searchsorted(keys, g), len(keys) - 1)
+            found = np.nonzero(keys[idx] == g)[0]
+            if len(found):
+                table = self._grams if length == self.n else self._short[length]
+                return table[int(g[found[0]])]
         return None
 
 
@@ -192,6 +205,33 @@ def lsh_params(threshold, target=0.9995, max_bands=32, max_rows=16):
         if bands <= max_bands:
             best = (bands, rows)
     return best
+
+
+_WORD_CACHE = {}
+
+
+def word_hash_array(tokens):
+    """64-bit hashes (blake2b) of words as a uint64 array; a bounded cache keeps frequent words."""
+    cache = _WORD_CACHE
+    if len(cache) > 500_000:
+        cache.clear()
+    out = []
+    for w in tokens:
+        v = cache.get(w)
+        if v is None:
+            v = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+        out.append(v)
+    return np.array(out, dtype=np.uint64)
+
+
+def combine_ngrams(h, n):
+    """(len(h) - n + 1,) uint64 hashes of the n-grams of a word-hash array (a polynomial in the word hashes,
+    then mixed)."""
+    m = len(h) - n + 1
+    g = h[:m].copy()
+    for j in range(1, n):
+        g = g * np.uint64(_M1) + h[j:m + j]
+    return _mix(g)
 
 
 def _mix(x):
@@ -242,8 +282,7 @@ class MinHashLSHIndex:
         self._table = np.empty(0, dtype=np.uint64)  # sorted (band, band hash, slot) entries
         self._pending = {}  # band | hash prefix (int) -> list of slots, not yet merged into _table
         self._pending_n, self._pending_limit = 0, pending_limit
-        self._word_cache = {}
-        self._memo = (None, None)  # (text, (grams, band prefixes)): query-then-add hashes once
+        self._memo = {}  # text -> (grams, band prefixes): query-then-add and `prepare` hash once
 
     @classmethod
     def describe_params(cls, n, threshold, seed=1):
@@ -259,45 +298,66 @@ class MinHashLSHIndex:
 
     def __getstate__(self):  # the memo and word cache are rebuilt on demand
         state = dict(self.__dict__)
-        state["_memo"], state["_word_cache"] = (None, None), {}
+        state["_memo"] = {}
         return state
 
     # ---- hashing ----------------------------------------------------------------------------------------------
-    def _word_hashes(self, tokens):
-        cache = self._word_cache
-        if len(cache) > 200_000:  # bounded: frequent words come back at once
-            cache.clear()
-        out = []
-        for w in tokens:
-            h = cache.get(w)
-            if h is None:
-                h = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-            out.append(h)
-        return np.array(out, dtype=np.uint64)
+    def prepare(self, texts):
+        """Sketch many texts in one vectorised pass (numpy's per-call cost shared); `query`/`add` of these texts
+        then reuse the sketches. Sketches are pure functions of the text: decisions are unchanged."""
+        todo = list(dict.fromkeys(texts))
+        self._memo = {}  # only the texts about to be looked up: the sketches are views of shared chunk arrays
+        for i in range(0, len(todo), 2048):  # bounded temporaries: 2048 texts x ~60 grams x perms x 8 bytes
+            chunk = todo[i:i + 2048]
+            self._memo.update(zip(chunk, self._sketch_many(chunk)))
 
     def _sketch(self, text):
-        """(sorted unique uint32 gram hashes, band prefixes as uint64) of a text; cached for the last text."""
-        if self._memo[0] == text:
-            return self._memo[1]
-        tokens = words(text)
-        if not tokens:
-            result = (np.empty(0, dtype=np.uint32), None)
-        else:
-            h = self._word_hashes(tokens)
-            n = min(self.n, len(h))  # a text shorter than n words is one gram, the whole text
-            g = h[:len(h) - n + 1].copy()
-            for j in range(1, n):
-                g = g * np.uint64(_M1) + h[j:len(h) - n + 1 + j]
-            grams = np.unique((_mix(g) >> np.uint64(32)).astype(np.uint32))
-            hv = (grams.astype(np.uint64)[:, None] * self._a + self._b) >> np.uint64(32)  # (grams, perms)
-            mins = hv.min(axis=0).reshape(self.bands, self.rows)
-            key = mins[:, 0].copy()
-            for r in range(1, self.rows):
-                key = key * np.uint64(_M1) + mins[:, r]
-            key = _mix(key) >> np.uint64(32)  # 32-bit band hash
-            result = (grams, self._band_tag | (key << np.uint64(_SLOT_BITS)))
-        self._memo = (text, result)
-        return result
+        """(sorted unique uint32 gram hashes, band prefixes as uint64 or None) of one text."""
+        hit = self._memo.get(text)
+        if hit is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            hit = self._memo[text] = self._sketch_many([text])[0]
+        return hit
+
+    def _sketch_many(self, texts):
+        token_lists = [words(t) for t in texts]
+        lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+        out = [(np.empty(0, dtype=np.uint32), None)] * len(texts)
+        if not lengths.any():
+            return out
+        h = word_hash_array([w for t in token_lists for w in t])
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        n = self.n
+        # full n-grams over the concatenation, kept where they lie inside one text
+        seg_parts, gram_parts = [], []
+        if len(h) >= n:
+            g = combine_ngrams(h, n)
+            pos = np.arange(len(g))
+            seg = np.searchsorted(starts, pos, "right") - 1
+            inside = pos + n <= starts[seg] + lengths[seg]
+            seg_parts.append(seg[inside])
+            gram_parts.append(g[inside])
+        short = np.nonzero((lengths > 0) & (lengths < n))[0]
+        for t in short:  # a text shorter than n words is one gram, the whole text
+            seg_parts.append(np.array([t]))
+            gram_parts.append(combine_ngrams(h[starts[t]:starts[t] + lengths[t]], int(lengths[t])))
+        seg = np.concatenate(seg_parts).astype(np.uint64)
+        g32 = (np.concatenate(gram_parts) >> np.uint64(32)).astype(np.uint64)
+        both = np.unique((seg << np.uint64(32)) | g32)  # sorted by text, then gram; duplicates gone
+        seg, grams = (both >> np.uint64(32)).astype(np.int64), (both & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        present = np.unique(seg)
+        bounds = np.searchsorted(seg, present)
+        hv = (grams.astype(np.uint64)[:, None] * self._a + self._b) >> np.uint64(32)  # (grams, perms)
+        mins = np.minimum.reduceat(hv, bounds, axis=0).reshape(len(present), self.bands, self.rows)
+        key = mins[:, :, 0].copy()
+        for r in range(1, self.rows):
+            key = key * np.uint64(_M1) + mins[:, :, r]
+        prefixes = self._band_tag | ((_mix(key) >> np.uint64(32)) << np.uint64(_SLOT_BITS))  # (texts, bands)
+        ends = np.append(bounds[1:], len(grams))
+        for k, t in enumerate(present.tolist()):
+            out[t] = (grams[bounds[k]:ends[k]], prefixes[k])
+        return out
 
     def _grams_of(self, slot):
         where = self._where[slot]
