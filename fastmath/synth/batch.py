@@ -257,8 +257,9 @@ def parse_output_line(line, sub, cfg):
 class BatchRunner:
     """The submit / poll / collect loop over a replayed `SynthState` and `Submissions`."""
 
-    def __init__(self, state, subs, journal, api, cfg, price, header, apply, out=None):
+    def __init__(self, state, subs, journal, api, cfg, price, header, apply, out=None, checkpoint=None):
         self.state, self.subs, self.journal, self.api = state, subs, journal, api
+        self.checkpoint = checkpoint  # writes the state snapshot (after each collection)
         self.cfg, self.price, self.header, self.apply, self.out = cfg, price, header, apply, out
         self.batches_created = 0  # this session
         self.max_requests = min(cfg.batch_size, MAX_REQUESTS_PER_FILE)
@@ -406,6 +407,7 @@ class BatchRunner:
                     sub.received.add(cid)
                 entries.append(entry)
             self.journal.append_many(entries)  # on disk before any of it is applied
+            self.state.prepare_dedup(entries)
             for entry in entries:
                 self.apply(entry)
             kill_point("after_download")
@@ -428,8 +430,11 @@ class BatchRunner:
     def run(self):
         """Returns the stop reason: None (done), "submitted" (--no-wait), "max_cost" or "max_items"."""
         while True:
+            closed = self.subs.closed
             for sub in list(self.subs.live.values()):
                 self.advance(sub)
+            if self.subs.closed != closed and self.checkpoint is not None:
+                self.checkpoint()  # a rerun replays only what comes after this
             held_back = False
             if not self.state.done():
                 _, held_back = self.submit_pending()

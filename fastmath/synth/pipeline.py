@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import pickle
 import random
 import time
 from collections import Counter, deque
@@ -105,6 +106,7 @@ def output_paths(out):
         "journal": out.with_name(stem + ".journal.jsonl"),
         "rejects": out.with_name(stem + ".rejects.jsonl"),
         "report": out.with_name(stem + ".report.json"),
+        "snapshot": out.with_name(stem + ".snapshot.pkl"),
     }
 
 
@@ -174,6 +176,14 @@ class SynthState:
         self.usage = Counter()
         self.kind_usage = {}  # kind -> (replies with usage, completion tokens): the batch cost estimate
 
+    _EXTERNAL = ("cfg", "seeds", "contam", "sink", "equiv")  # reattached by `attach` after a snapshot load
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._EXTERNAL}
+
+    def attach(self, cfg, seeds, contam, sink, equiv):
+        self.cfg, self.seeds, self.contam, self.sink, self.equiv = cfg, seeds, contam, sink, equiv
+
     # ---- issuing ----------------------------------------------------------------------------------------------
     def _item(self, item_id):
         item = self.active.get(item_id)
@@ -226,6 +236,19 @@ class SynthState:
                 yield item_id, "question", 0, item.question_rejects
         while allow_new() and self.can_issue():
             yield self._item(self.next_id).id, "question", 0, 0
+
+    def prepare_dedup(self, entries):
+        """Sketch the questions of many replies at once (a downloaded batch file) for the near-duplicate index."""
+        if not hasattr(self.near, "prepare"):
+            return
+        texts = []
+        for e in entries:
+            if e.get("kind") == "question" and not e.get("error"):
+                try:
+                    texts.append(parse_question_reply(e["text"]))
+                except ParseError:
+                    pass
+        self.near.prepare(texts)
 
     def discard_unsent(self, item_id):
         """Forget an item created for a request that was then not submitted (over the budget), so the item ids
@@ -440,22 +463,26 @@ class Journal:
         self._f.close()
 
 
-def iter_journal(path):
+def iter_journal(path, start=0):
     """Yield the header, then every entry of a journal, streaming; a torn last line (crash mid-write) is cut
-    off the file once the iteration reaches the end.
+    off the file once the iteration reaches the end. With `start` (a byte offset at a line start, from a
+    snapshot) the entries after it are yielded, without the header.
 
     Raises:
         SynthError: no header, or a damaged line before the last, naming the file and line.
     """
     torn = None  # (line number, byte offset) of an unreadable line; fatal unless it is the last one
-    offset, header_seen = 0, False
+    begin = start  # `start` below is each line's offset
+    offset, header_seen = begin, begin > 0
     with open(path, "rb") as f:
+        f.seek(begin)
         for line_no, line in enumerate(f, 1):
             start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             if torn is not None:
-                raise SynthError(f"{path}:{torn[0]}: damaged journal line; cannot resume from this journal")
+                where = f"{torn[0]}" if not begin else f"byte {torn[1]}"
+                raise SynthError(f"{path}:{where}: damaged journal line; cannot resume from this journal")
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -471,6 +498,58 @@ def iter_journal(path):
     if torn is not None:
         with open(path, "r+b") as f:  # the reply on that line is requested again
             f.truncate(torn[1])
+
+
+SNAPSHOT_VERSION = 1
+
+
+def write_snapshot(path, fingerprint, journal, records_f, rejects_f, state, subs):
+    """Save the replayed state (items, counters, the dedup index, live submissions) with the journal offset and
+    output sizes it covers, so a rerun replays only what came after. Atomic (tmp + fsync + rename)."""
+    for f in (records_f, rejects_f):
+        f.flush()
+        os.fsync(f.fileno())
+    offset = journal.tell()
+    blob = {"version": SNAPSHOT_VERSION, "fingerprint": fingerprint, "journal_offset": offset,
+            "journal_check": _journal_check(journal.path, offset),
+            "records_size": records_f.tell(), "rejects_size": rejects_f.tell(), "state": state, "subs": subs}
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _journal_check(path, offset, span=1 << 16):
+    """sha256 of the journal's first and last 64 KB before `offset`: a journal edited or replaced under a
+    snapshot no longer matches it (then the whole journal is replayed and checked)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(min(span, offset)))
+        f.seek(max(0, offset - span))
+        h.update(f.read(min(span, offset)))
+    return h.hexdigest()
+
+
+def read_snapshot(paths, fingerprint):
+    """The snapshot dict when it belongs to this run and the journal and outputs still hold what it covers,
+    else None (then the whole journal is replayed). It is fastmath's own pickle beside the output: delete
+    it to force a full replay."""
+    path = paths["snapshot"]
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+    except Exception:  # a damaged or foreign snapshot only costs a full replay
+        return None
+    ok = (isinstance(blob, dict) and blob.get("version") == SNAPSHOT_VERSION and blob.get("fingerprint") == fingerprint
+          and paths["journal"].exists() and paths["journal"].stat().st_size >= blob["journal_offset"]
+          and paths["records"].exists() and paths["records"].stat().st_size >= blob["records_size"]
+          and paths["rejects"].exists() and paths["rejects"].stat().st_size >= blob["rejects_size"]
+          and _journal_check(paths["journal"], blob["journal_offset"]) == blob.get("journal_check"))
+    return blob if ok else None
 
 
 class _Sink:
@@ -650,17 +729,32 @@ def run_synth(cfg, api_key):
                          "refusing to overwrite it, choose another --out.")
     paths["records"].parent.mkdir(parents=True, exist_ok=True)
 
-    # Replay into fresh copies of the record and reject files, then swap them in; the handles stay open
-    # for live appends (a rename keeps an open file).
-    tmp = {k: paths[k].with_name(paths[k].name + ".tmp") for k in ("records", "rejects")}
-    records_f = open(tmp["records"], "w", encoding="utf-8")
-    rejects_f = open(tmp["rejects"], "w", encoding="utf-8")
-    sink = _Sink(records_f, rejects_f)
-    state = SynthState(cfg, seeds, n_target, max_items, _near_index(cfg, seeds), contam, sink,
-                       _load_equiv() if cfg.consistency > 1 else None)
     from .batch import Submissions
 
-    subs = Submissions()
+    equiv = _load_equiv() if cfg.consistency > 1 else None
+    snap = read_snapshot(paths, header["fingerprint"]) if paths["journal"].exists() else None
+    if snap is not None:
+        # Resume from the snapshot: cut the outputs back to what it covers, replay only the journal after it.
+        entries = iter_journal(paths["journal"], start=snap["journal_offset"])
+        tmp = {}
+        for k in ("records", "rejects"):
+            with open(paths[k], "r+b") as f:
+                f.truncate(snap[k + "_size"])
+        records_f = open(paths["records"], "a", encoding="utf-8")
+        rejects_f = open(paths["rejects"], "a", encoding="utf-8")
+        sink = _Sink(records_f, rejects_f)
+        state, subs = snap["state"], snap["subs"]
+        state.attach(cfg, seeds, contam, sink, equiv)
+    else:
+        # Replay into fresh copies of the record and reject files, then swap them in; the handles stay open
+        # for live appends (a rename keeps an open file).
+        tmp = {k: paths[k].with_name(paths[k].name + ".tmp") for k in ("records", "rejects")}
+        records_f = open(tmp["records"], "w", encoding="utf-8")
+        rejects_f = open(tmp["rejects"], "w", encoding="utf-8")
+        sink = _Sink(records_f, rejects_f)
+        state = SynthState(cfg, seeds, n_target, max_items, _near_index(cfg, seeds), contam, sink, equiv)
+        subs = Submissions()
+    del snap
 
     def apply(entry):
         """One journal entry (replayed or live) into the state: the same code path both ways."""
@@ -683,12 +777,16 @@ def run_synth(cfg, api_key):
         replayed += 1
     if not cfg.batch:
         state.rebuild_queue()
-    for k in ("records", "rejects"):
+    for k in tmp:
         (records_f if k == "records" else rejects_f).flush()
         os.replace(tmp[k], paths[k])
-    resumed = {"replies": replayed, "kept": state.kept}
+    resumed = {"replies": replayed, "kept": state.kept, "from_snapshot": not tmp}
 
     journal = Journal(paths["journal"], header)
+
+    def checkpoint():
+        write_snapshot(paths["snapshot"], header["fingerprint"], journal, records_f, rejects_f, state, subs)
+
     policy = RetryPolicy(max_retries=cfg.max_retries, base_delay=cfg.retry_base_delay)
     start = time.time()
     stopped, error, retries, batch_info = None, None, 0, None
@@ -697,7 +795,7 @@ def run_synth(cfg, api_key):
             from .batch import BatchAPI, BatchRunner
 
             api = BatchAPI(api_key, cfg.base_url, policy, timeout=cfg.timeout)
-            runner = BatchRunner(state, subs, journal, api, cfg, price, header, apply)
+            runner = BatchRunner(state, subs, journal, api, cfg, price, header, apply, checkpoint=checkpoint)
             try:
                 stopped = runner.run()
             finally:
@@ -713,8 +811,10 @@ def run_synth(cfg, api_key):
                 stopped = asyncio.run(_run_live(state, client, journal, cfg, price, n_target))
             finally:
                 retries = client.retries
+        checkpoint()
     except FatalAPIError as e:
         stopped, error = "error", str(e)
+        checkpoint()  # the state is consistent: the error came between requests, not inside `apply`
     finally:
         journal.close()
         records_f.close()
