@@ -135,6 +135,7 @@ def worker(n, threshold=0.7):
             else:
                 texts.append(question(i))
         t0 = time.perf_counter()
+        contam.prepare(texts)
         dirty = [contam.query(t) is not None for t in texts]
         n_contam += sum(dirty)
         near.prepare([t for t, d in zip(texts, dirty) if not d])

@@ -10,6 +10,7 @@
   evaluation question, or the whole of an evaluation question shorter than n words, or equals one.
 """
 import hashlib
+import itertools
 import math
 import re
 import unicodedata
@@ -144,7 +145,8 @@ class ContaminationIndex:
         self.n = n
         self._grams = {}  # gram hash -> source label of the first evaluation question holding it
         self._short = defaultdict(dict)  # length L < n -> {hash of the whole question: source}
-        self._sorted = None  # {length: sorted uint64 array of the keys}, built at the first query after an add
+        self._sorted = None  # [(length, sorted uint64 array of the keys)], built at the first query after an add
+        self._memo = {}  # text -> answer, from `prepare`
         self.size = 0
 
     def add(self, text, source):
@@ -153,7 +155,7 @@ class ContaminationIndex:
         if not tokens:
             return
         self.size += 1
-        self._sorted = None
+        self._sorted, self._memo = None, {}
         h = word_hash_array(tokens)
         if len(tokens) < self.n:
             self._short[len(tokens)].setdefault(int(combine_ngrams(h, len(tokens))[0]), source)
@@ -161,17 +163,53 @@ class ContaminationIndex:
         for g in combine_ngrams(h, self.n).tolist():
             self._grams.setdefault(g, source)
 
+    def _tables(self):
+        if self._sorted is None:  # n-grams first, as before, then the short questions
+            self._sorted = [(length, np.sort(np.fromiter(table, dtype=np.uint64, count=len(table))))
+                            for length, table in [(self.n, self._grams), *sorted(self._short.items())] if table]
+        return self._sorted
+
+    def prepare(self, texts):
+        """Answer `query` for many texts in one vectorised pass (a downloaded batch file); same answers."""
+        texts = list(dict.fromkeys(texts))
+        self._memo = {}
+        for i in range(0, len(texts), 512):
+            chunk = texts[i:i + 512]
+            token_lists = [words(t) for t in chunk]
+            lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+            answers = [None] * len(chunk)
+            if lengths.any():
+                h = word_hash_array([w for t in token_lists for w in t])
+                starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                todo = np.ones(len(chunk), dtype=bool)
+                for length, keys in self._tables():
+                    if len(h) < length or not todo.any():
+                        continue
+                    g = combine_ngrams(h, length)
+                    pos = np.arange(len(g))
+                    seg = np.searchsorted(starts, pos, "right") - 1
+                    idx = np.minimum(np.searchsorted(keys, g), len(keys) - 1)
+                    hit = (keys[idx] == g) & (pos + length <= starts[seg] + lengths[seg]) & todo[seg]
+                    table = self._grams if length == self.n else self._short[length]
+                    for k in np.nonzero(hit)[0].tolist():  # the first hit of each text, in text order
+                        t = seg[k]
+                        if todo[t]:
+                            todo[t] = False
+                            answers[t] = table[int(g[k])]
+            self._memo.update(zip(chunk, answers))
+
     def query(self, text):
         """The source label of an evaluation question that `text` overlaps, or None."""
+        if text in self._memo:
+            return self._memo[text]
         tokens = words(text)
         if not tokens:
             return None
-        if self._sorted is None:
-            self._sorted = {length: np.sort(np.fromiter(table, dtype=np.uint64, count=len(table)))
-                            for length, table in [(self.n, self._grams), *self._short.items()]}
+        if self._sorted is None:  # n-grams first, as before, then the short questions
+            self._sorted = [(length, np.sort(np.fromiter(table, dtype=np.uint64, count=len(table))))
+                            for length, table in [(self.n, self._grams), *sorted(self._short.items())] if table]
         h = word_hash_array(tokens)
-        for length in sorted(self._sorted, key=lambda L: L != self.n):  # n-grams first, as before
-            keys = self._sorted[length]
+        for length, keys in self._sorted:
             if len(tokens) < length or not len(keys):
                 continue
             g = combine_ngrams(h, length)
@@ -215,22 +253,44 @@ def word_hash_array(tokens):
     cache = _WORD_CACHE
     if len(cache) > 500_000:
         cache.clear()
-    out = []
-    for w in tokens:
-        v = cache.get(w)
-        if v is None:
-            v = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-        out.append(v)
+    out = list(map(cache.get, tokens))
+    if None in out:
+        for i, (w, v) in enumerate(zip(tokens, out)):
+            if v is None:
+                v = cache.get(w)
+                if v is None:
+                    v = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                out[i] = v
     return np.array(out, dtype=np.uint64)
 
 
+_POW = np.ones(1, dtype=np.uint64)  # _M1 ** k and its inverse ** k (mod 2**64), grown on demand
+_IPOW = np.ones(1, dtype=np.uint64)
+
+
+def _powers(k):
+    global _POW, _IPOW
+    if len(_POW) <= k:
+        size = max(k + 1, 2 * len(_POW), 4096)
+        inv = pow(_M1, -1, 1 << 64)  # _M1 is odd, so invertible modulo 2**64
+        pw, ipw = [1], [1]
+        for _ in range(size - 1):
+            pw.append(pw[-1] * _M1 & 0xFFFFFFFFFFFFFFFF)
+            ipw.append(ipw[-1] * inv & 0xFFFFFFFFFFFFFFFF)
+        _POW, _IPOW = np.array(pw, dtype=np.uint64), np.array(ipw, dtype=np.uint64)
+    return _POW, _IPOW
+
+
 def combine_ngrams(h, n):
-    """(len(h) - n + 1,) uint64 hashes of the n-grams of a word-hash array (a polynomial in the word hashes,
-    then mixed)."""
+    """(len(h) - n + 1,) uint64 hashes of the n-grams of a word-hash array, then mixed: the polynomial
+    sum_j h[i + j] * M**(n - 1 - j) (mod 2**64), computed for every i at once from prefix sums,
+    P[k] = M**k * cumsum(h[j] * M**-j), as P[i + n - 1] - M**n * P[i - 1]: a constant number of numpy calls
+    whatever n is (decontamination uses 10-grams)."""
     m = len(h) - n + 1
-    g = h[:m].copy()
-    for j in range(1, n):
-        g = g * np.uint64(_M1) + h[j:m + j]
+    pw, ipw = _powers(len(h))
+    prefix = np.cumsum(h * ipw[:len(h)], dtype=np.uint64) * pw[:len(h)]
+    g = prefix[n - 1:].copy()
+    g[1:] -= prefix[:m - 1] * pw[n]
     return _mix(g)
 
 
@@ -280,7 +340,7 @@ class MinHashLSHIndex:
         self._keys = []  # slot -> key
         self._slot = {}  # key -> slot (live keys)
         self._table = np.empty(0, dtype=np.uint64)  # sorted (band, band hash, slot) entries
-        self._pending = {}  # band | hash prefix (int) -> list of slots, not yet merged into _table
+        self._pending = {}  # band | hash prefix (int) -> slot (or list of slots), not yet merged into _table
         self._pending_n, self._pending_limit = 0, pending_limit
         self._memo = {}  # text -> (grams, band prefixes): query-then-add and `prepare` hash once
 
@@ -307,8 +367,8 @@ class MinHashLSHIndex:
         then reuse the sketches. Sketches are pure functions of the text: decisions are unchanged."""
         todo = list(dict.fromkeys(texts))
         self._memo = {}  # only the texts about to be looked up: the sketches are views of shared chunk arrays
-        for i in range(0, len(todo), 2048):  # bounded temporaries: 2048 texts x ~60 grams x perms x 8 bytes
-            chunk = todo[i:i + 2048]
+        for i in range(0, len(todo), 256):  # temporaries of 256 texts x ~60 grams x perms x 8 bytes fit a cache
+            chunk = todo[i:i + 256]
             self._memo.update(zip(chunk, self._sketch_many(chunk)))
 
     def _sketch(self, text):
@@ -348,7 +408,9 @@ class MinHashLSHIndex:
         seg, grams = (both >> np.uint64(32)).astype(np.int64), (both & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         present = np.unique(seg)
         bounds = np.searchsorted(seg, present)
-        hv = (grams.astype(np.uint64)[:, None] * self._a + self._b) >> np.uint64(32)  # (grams, perms)
+        hv = np.multiply(grams.astype(np.uint64)[:, None], self._a)  # (grams, perms), in place from here
+        hv += self._b
+        hv >>= np.uint64(32)
         mins = np.minimum.reduceat(hv, bounds, axis=0).reshape(len(present), self.bands, self.rows)
         key = mins[:, :, 0].copy()
         for r in range(1, self.rows):
@@ -377,10 +439,9 @@ class MinHashLSHIndex:
             hi = np.searchsorted(self._table, prefixes | np.uint64((1 << _SLOT_BITS) - 1), "right")
             for i in np.nonzero(hi > lo)[0]:
                 candidates.update((self._table[lo[i]:hi[i]] & np.uint64((1 << _SLOT_BITS) - 1)).tolist())
-        for p in prefixes.tolist():
-            hit = self._pending.get(p)
+        for hit in map(self._pending.get, prefixes.tolist()):
             if hit is not None:
-                candidates.update(hit)
+                candidates.update(hit if isinstance(hit, list) else (hit,))
         best = None
         for slot in sorted(candidates):
             if not self._alive[slot]:
@@ -413,14 +474,21 @@ class MinHashLSHIndex:
         self._keys.append(key)
         self._slot[key] = slot
         if prefixes is not None:
-            for p in prefixes.tolist():
-                self._pending.setdefault(p, []).append(slot)
-            self._pending_n += len(prefixes)
+            plist = prefixes.tolist()
+            pending = self._pending
+            if pending.keys().isdisjoint(plist):  # the common case: one C-level update
+                pending.update(zip(plist, itertools.repeat(slot)))
+            else:
+                for p in plist:
+                    old = pending.get(p)
+                    pending[p] = slot if old is None else (old + [slot] if isinstance(old, list) else [old, slot])
+            self._pending_n += len(plist)
             if self._pending_n >= self._pending_limit:
                 self._merge()
 
     def _merge(self):
-        new = np.array(sorted(p | s for p, slots in self._pending.items() for s in slots), dtype=np.uint64)
+        new = np.array(sorted(p | s for p, v in self._pending.items() for s in (v if isinstance(v, list) else (v,))),
+                       dtype=np.uint64)
         self._table = np.insert(self._table, np.searchsorted(self._table, new), new)
         self._pending.clear()
         self._pending_n = 0

@@ -238,9 +238,8 @@ class SynthState:
             yield self._item(self.next_id).id, "question", 0, 0
 
     def prepare_dedup(self, entries):
-        """Sketch the questions of many replies at once (a downloaded batch file) for the near-duplicate index."""
-        if not hasattr(self.near, "prepare"):
-            return
+        """Hash the questions of many replies at once (a downloaded batch file) for the contamination and
+        near-duplicate indexes; their answers are unchanged, only computed in fewer numpy calls."""
         texts = []
         for e in entries:
             if e.get("kind") == "question" and not e.get("error"):
@@ -248,7 +247,10 @@ class SynthState:
                     texts.append(parse_question_reply(e["text"]))
                 except ParseError:
                     pass
-        self.near.prepare(texts)
+        if self.contam is not None:
+            self.contam.prepare(texts)
+        if hasattr(self.near, "prepare"):
+            self.near.prepare(texts)
 
     def discard_unsent(self, item_id):
         """Forget an item created for a request that was then not submitted (over the budget), so the item ids
