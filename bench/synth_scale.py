@@ -150,6 +150,22 @@ def worker(n, threshold=0.7):
                 kept += 1
         seconds += time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the resume snapshot's bulk is this index: time to write it (pickle + fsync) and to read it back
+    import pickle
+    import tempfile
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR")) as f:
+        t0 = time.perf_counter()
+        pickle.dump(near, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+        t_dump = time.perf_counter() - t0
+        size = f.tell()
+        f.seek(0)
+        t0 = time.perf_counter()
+        loaded = pickle.load(f)
+        t_load = time.perf_counter() - t0
+    assert len(loaded) == len(near)
+    del loaded
     bands = {}
     wrong = 0
     for pos, (orig, text, j, band) in planted.items():
@@ -163,7 +179,8 @@ def worker(n, threshold=0.7):
     for b in bands.values():
         b["recall"] = round(b["flagged"] / b["pairs"], 4)
     return {"n": n, "seconds": round(seconds, 2), "questions_per_s": round(n / seconds),
-            "peak_rss_mb": round(peak / 1024), "rss_before_index_mb": round(rss0 / 1024), "kept": kept,
+            "peak_rss_mb": round(peak / 1024),
+            "snapshot_of_index": {"mb": round(size / 2**20), "write_s": round(t_dump, 2), "read_s": round(t_load, 2)}, "rss_before_index_mb": round(rss0 / 1024), "kept": kept,
             "contaminated": n_contam, "contaminated_planted": len(contaminated), "index": near.describe(),
             "per_band": dict(sorted(bands.items())), "flagged_below_threshold_by_exact_check": wrong}
 

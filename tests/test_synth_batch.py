@@ -196,3 +196,37 @@ def test_dry_run_counts_rendered_prompts_and_sends_nothing(tmp_path):
     assert f"cost at sync prices: ${cost_sync:,.2f}" in r.stdout
     assert f"cost at batch prices: ${cost_sync / 2:,.2f}" in r.stdout
     assert "characters/4" in r.stdout
+
+
+def test_snapshot_resume_replays_only_the_journal_tail(tmp_path):
+    with FakeOpenAI(api_key=KEY, lifetime=120) as srv:
+        cfg = config(tmp_path, srv.url, num_questions=8, wait=False)
+        snapshot = output_paths(cfg.out)["snapshot"]
+        assert run_synth(cfg, KEY)["stopped"] == "submitted"
+        old = snapshot.read_bytes()  # covers the submissions of round 1 only
+        cfg.wait = True
+        assert run_synth(cfg, KEY)["complete"]
+        records = (tmp_path / "out.jsonl").read_text()
+        ledger = (len(srv.billed), len(srv.batches), len(srv.files))
+        n_entries = len(read_jsonl(output_paths(cfg.out)["journal"])) - 1
+        snapshot.write_bytes(old)  # an older snapshot: the journal after it is replayed
+        r = run_synth(cfg, KEY)
+        assert r["resumed_from_journal"]["from_snapshot"] and 0 < r["resumed_from_journal"]["replies"] < n_entries
+        assert run_synth(cfg, KEY)["resumed_from_journal"] == {"replies": 0, "kept": 8, "from_snapshot": True}
+        snapshot.unlink()  # no snapshot: the whole journal, same outcome
+        r = run_synth(cfg, KEY)
+        assert r["resumed_from_journal"] == {"replies": n_entries, "kept": 8, "from_snapshot": False}
+        assert (tmp_path / "out.jsonl").read_text() == records
+        assert (len(srv.billed), len(srv.batches), len(srv.files)) == ledger  # nothing sent again
+
+
+def test_request_files_split_at_the_byte_limit(tmp_path, monkeypatch):
+    from fastmath.synth import batch
+
+    monkeypatch.setattr(batch, "MAX_BYTES_PER_FILE", 4000)  # ~2 request lines: the 200 MB rule in miniature
+    with FakeOpenAI(api_key=KEY, lifetime=60) as srv:
+        cfg = config(tmp_path, srv.url, num_questions=5, batch_size=50)
+        assert run_synth(cfg, KEY)["complete"]
+    uploads = [f for f in srv.files.values() if f["meta"]["purpose"] == "batch"]
+    assert len(uploads) >= 4 and all(0 < f["meta"]["bytes"] <= 4000 for f in uploads)  # 5 question + 5 answer lines
+    check_ledger(srv, cfg.out, 5)

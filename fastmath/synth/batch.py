@@ -298,7 +298,8 @@ class BatchRunner:
         budget = None
         if self.cfg.max_cost is not None:
             budget = self.cfg.max_cost - self.spent() - self.subs.reserved()
-        chosen = {"question": [], "answer": []}  # (custom_id, line, est cost)
+        chosen = {"question": [], "answer": []}  # (custom_id, line bytes, est cost); lines are rendered again
+        # at upload, so a million requests never sit in memory as text
         held_back = False
         for item_id, kind, slot, attempt in self.state.batch_requests(live, lambda: budget is None or budget > 0):
             messages = self.state.messages((item_id, kind, slot))
@@ -310,7 +311,7 @@ class BatchRunner:
                     break
                 budget -= cost
             cid = custom_id(item_id, kind, slot, attempt)
-            chosen[kind].append((cid, render_line(cid, messages, self.cfg), cost))
+            chosen[kind].append((cid, len(render_line(cid, messages, self.cfg).encode()), cost))
         n = 0
         if chosen["question"] or chosen["answer"]:
             round_no = self.subs.round + 1
@@ -328,7 +329,7 @@ class BatchRunner:
         """Chunks of at most max_requests lines and MAX_BYTES_PER_FILE bytes."""
         chunk, size = [], 0
         for r in requests:
-            b = len(r[1].encode())
+            b = r[1]
             if chunk and (len(chunk) >= self.max_requests or size + b > MAX_BYTES_PER_FILE):
                 yield chunk
                 chunk, size = [], 0

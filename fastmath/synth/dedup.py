@@ -356,10 +356,17 @@ class MinHashLSHIndex:
     def __len__(self):
         return len(self._slot)
 
-    def __getstate__(self):  # the memo and word cache are rebuilt on demand
+    def __getstate__(self):  # the snapshot: the memo is dropped, the last block cut to its used length
         state = dict(self.__dict__)
         state["_memo"] = {}
+        state["_blocks"] = self._blocks[:-1] + [self._blocks[-1][:self._fill].copy()]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        last = np.empty(_BLOCK, dtype=np.uint32)
+        last[:self._fill] = self._blocks[-1]
+        self._blocks[-1] = last
 
     # ---- hashing ----------------------------------------------------------------------------------------------
     def prepare(self, texts):
