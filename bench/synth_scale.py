@@ -185,13 +185,46 @@ def worker(n, threshold=0.7):
             "per_band": dict(sorted(bands.items())), "flagged_below_threshold_by_exact_check": wrong}
 
 
+def datasketch_reference(n):
+    """datasketch's MinHashLSH (num_perm 128, threshold 0.7; distilabel's MinHashDedup) on the same questions:
+    insert only, no exact verification; resident bytes per question and questions/s."""
+    from datasketch import MinHash, MinHashLSH
+
+    from fastmath.synth.dedup import words
+    texts = [question(i) for i in range(n)]
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lsh = MinHashLSH(threshold=0.7, num_perm=128)
+    t0 = time.perf_counter()
+    for i, text in enumerate(texts):
+        w = words(text)
+        m = MinHash(num_perm=128)
+        m.update_batch([" ".join(w[j:j + 3]).encode() for j in range(len(w) - 2)])
+        lsh.query(m)
+        lsh.insert(i, m)
+    seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"n": n, "questions_per_s": round(n / seconds), "resident_bytes_per_question": round((r1 - r0) * 1024 / n)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 1_440_000])
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--datasketch", type=int, default=None, metavar="N",
+                   help="Only measure datasketch's MinHashLSH on N questions and add it to the result file.")
     a = p.parse_args(argv)
     if a.worker is not None:
         print(json.dumps(worker(a.worker)))
+        return
+    path = Path(os.environ.get("FASTMATH_BENCH_OUT", ROOT / "bench" / "results" / "synth_scale.json"))
+    if a.datasketch:
+        r = datasketch_reference(a.datasketch)
+        r["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"datasketch MinHashLSH, {r['n']} questions: {r['resident_bytes_per_question']} B/question, "
+              f"{r['questions_per_s']} q/s")
+        doc = json.loads(path.read_text()) if path.exists() else {"bench": "synth_scale"}
+        doc["datasketch_reference"] = r
+        path.write_text(json.dumps(doc, indent=2) + "\n")
         return
     results = []
     for n in a.sizes:
@@ -208,7 +241,6 @@ def main(argv=None):
     doc = {"bench": "synth_scale", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "numpy": numpy.__version__, "threads": 1, "results": results}
-    path = Path(os.environ.get("FASTMATH_BENCH_OUT", ROOT / "bench" / "results" / "synth_scale.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_server import FakeOpenAI  # noqa: E402
 from test_synth_server import KEY, REPO, check_records, read_jsonl, write_seeds  # noqa: E402
 
-from fastmath.synth.pipeline import SynthConfig, output_paths, run_synth  # noqa: E402
+from fastmath.synth.pipeline import SynthConfig, SynthError, output_paths, run_synth  # noqa: E402
 from fastmath.synth.prompts import answer_messages, question_messages  # noqa: E402
 
 
@@ -230,3 +230,17 @@ def test_request_files_split_at_the_byte_limit(tmp_path, monkeypatch):
     uploads = [f for f in srv.files.values() if f["meta"]["purpose"] == "batch"]
     assert len(uploads) >= 4 and all(0 < f["meta"]["bytes"] <= 4000 for f in uploads)  # 5 question + 5 answer lines
     check_ledger(srv, cfg.out, 5)
+
+
+def test_the_dedup_algorithm_is_part_of_the_fingerprint(tmp_path):
+    with FakeOpenAI(api_key=KEY) as srv:
+        cfg = config(tmp_path, srv.url, num_questions=2)
+        run_synth(cfg, KEY)
+        n = len(srv.log)
+        cfg.dedup = "exact"
+        with pytest.raises(SynthError, match=r"different arguments \(dedup differ\)"):
+            run_synth(cfg, KEY)
+        cfg.dedup, cfg.dedup_threshold = "minhash", 0.8
+        with pytest.raises(SynthError, match=r"dedup, dedup_threshold differ"):
+            run_synth(cfg, KEY)
+        assert len(srv.log) == n
