@@ -228,6 +228,7 @@ _M1 = 0x9E3779B97F4A7C15  # odd 64-bit multipliers (golden ratio, splitmix64) fo
 _M2 = 0xBF58476D1CE4E5B9
 _M3 = 0x94D049BB133111EB
 _SLOT_BITS = 27  # a band-table entry packs (band: 5 bits, band hash: 32 bits, slot: 27 bits) into one uint64
+_DIR_BITS = 16  # the band-table directory has bands x 2**16 buckets
 _BLOCK = 1 << 24  # gram hashes are stored in numpy blocks of 16M uint32 (64 MB)
 
 
@@ -322,7 +323,7 @@ class MinHashLSHIndex:
 
     VERSION = "minhash-lsh+exact-jaccard-v1"
 
-    def __init__(self, n=3, threshold=0.7, seed=1, pending_limit=1 << 18):
+    def __init__(self, n=3, threshold=0.7, seed=1, pending_limit=1 << 20):
         if not 0 < threshold <= 1:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
         self.n, self.threshold, self.seed = n, threshold, seed
@@ -340,6 +341,10 @@ class MinHashLSHIndex:
         self._keys = []  # slot -> key
         self._slot = {}  # key -> slot (live keys)
         self._table = np.empty(0, dtype=np.uint64)  # sorted (band, band hash, slot) entries
+        # directory: entries of (band, top 16 bits of the band hash) d lie at _table[_dir[d]:_dir[d + 1]], a few
+        # dozen at most, so a lookup touches a few cache lines instead of binary-searching 40M entries
+        self._counts = np.zeros(self.bands << _DIR_BITS, dtype=np.int64)
+        self._dir = np.zeros((self.bands << _DIR_BITS) + 1, dtype=np.int64)
         self._pending = {}  # band | hash prefix (int) -> slot (or list of slots), not yet merged into _table
         self._pending_n, self._pending_limit = 0, pending_limit
         self._memo = {}  # text -> (grams, band prefixes): query-then-add and `prepare` hash once
@@ -442,10 +447,15 @@ class MinHashLSHIndex:
             return None
         candidates = set()
         if len(self._table):
-            lo = np.searchsorted(self._table, prefixes, "left")
-            hi = np.searchsorted(self._table, prefixes | np.uint64((1 << _SLOT_BITS) - 1), "right")
-            for i in np.nonzero(hi > lo)[0]:
-                candidates.update((self._table[lo[i]:hi[i]] & np.uint64((1 << _SLOT_BITS) - 1)).tolist())
+            d = (prefixes >> np.uint64(_SLOT_BITS + 32 - _DIR_BITS)).astype(np.int64)
+            lo, hi = self._dir[d], self._dir[d + 1]
+            width = int((hi - lo).max())
+            if width:
+                steps = np.arange(width)
+                vals = self._table[np.minimum(lo[:, None] + steps, len(self._table) - 1)]  # (bands, width)
+                match = (steps < (hi - lo)[:, None]) & ((vals >> np.uint64(_SLOT_BITS))
+                                                          == (prefixes >> np.uint64(_SLOT_BITS))[:, None])
+                candidates.update((vals[match] & np.uint64((1 << _SLOT_BITS) - 1)).tolist())
         for hit in map(self._pending.get, prefixes.tolist()):
             if hit is not None:
                 candidates.update(hit if isinstance(hit, list) else (hit,))
@@ -497,6 +507,9 @@ class MinHashLSHIndex:
         new = np.array(sorted(p | s for p, v in self._pending.items() for s in (v if isinstance(v, list) else (v,))),
                        dtype=np.uint64)
         self._table = np.insert(self._table, np.searchsorted(self._table, new), new)
+        self._counts += np.bincount((new >> np.uint64(_SLOT_BITS + 32 - _DIR_BITS)).astype(np.int64),
+                                    minlength=len(self._counts))
+        np.cumsum(self._counts, out=self._dir[1:])
         self._pending.clear()
         self._pending_n = 0
 
