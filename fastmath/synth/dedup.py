@@ -175,11 +175,11 @@ class ContaminationIndex:
         self._memo = {}
         for i in range(0, len(texts), 512):
             chunk = texts[i:i + 512]
-            token_lists = [words(t) for t in chunk]
-            lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+            arrays = word_hashes_many(chunk)
+            lengths = np.array([len(a) for a in arrays], dtype=np.int64)
             answers = [None] * len(chunk)
             if lengths.any():
-                h = word_hash_array([w for t in token_lists for w in t])
+                h = np.concatenate(arrays)
                 starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
                 todo = np.ones(len(chunk), dtype=bool)
                 for length, keys in self._tables():
@@ -263,6 +263,27 @@ def word_hash_array(tokens):
                     v = cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
                 out[i] = v
     return np.array(out, dtype=np.uint64)
+
+
+_HASH_MEMO = {}  # text -> its word hashes, for the texts of the last few `prepare` calls
+
+
+def word_hashes_many(texts):
+    """Per text, the uint64 hashes of its words; memoised for a few thousand texts, so the contamination and
+    near-duplicate indexes preparing the same batch tokenise and hash each text once."""
+    memo = _HASH_MEMO
+    found = {t: memo[t] for t in texts if t in memo}
+    missing = [t for t in dict.fromkeys(texts) if t not in found]
+    if missing:
+        if len(memo) + len(missing) > 8192:
+            memo.clear()
+        token_lists = [words(t) for t in missing]
+        flat = word_hash_array([w for tokens in token_lists for w in tokens])
+        end = 0
+        for t, tokens in zip(missing, token_lists):
+            found[t] = memo[t] = flat[end:end + len(tokens)]
+            end += len(tokens)
+    return [found[t] for t in texts]
 
 
 _POW = np.ones(1, dtype=np.uint64)  # _M1 ** k and its inverse ** k (mod 2**64), grown on demand
@@ -393,12 +414,12 @@ class MinHashLSHIndex:
         return hit
 
     def _sketch_many(self, texts):
-        token_lists = [words(t) for t in texts]
-        lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+        arrays = word_hashes_many(texts)
+        lengths = np.array([len(a) for a in arrays], dtype=np.int64)
         out = [(np.empty(0, dtype=np.uint32), None)] * len(texts)
         if not lengths.any():
             return out
-        h = word_hash_array([w for t in token_lists for w in t])
+        h = np.concatenate(arrays)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         n = self.n
         # full n-grams over the concatenation, kept where they lie inside one text
