@@ -244,3 +244,36 @@ def test_the_dedup_algorithm_is_part_of_the_fingerprint(tmp_path):
         with pytest.raises(SynthError, match=r"dedup, dedup_threshold differ"):
             run_synth(cfg, KEY)
         assert len(srv.log) == n
+
+
+@pytest.mark.parametrize("part,nth", [("journal.jsonl", 3), ("journal.jsonl", 6), ("snapshot.pkl", 1)],
+                         ids=["journal-submission", "journal-download", "snapshot"])
+def test_batch_write_fault_stops_with_one_sentence_then_rerun_pays_nothing_twice(tmp_path, part, nth):
+    """A full disk while journaling a submission or a downloaded file, or writing the snapshot: the run stops
+    with a StorageError (one sentence), leaves no temporary, and a rerun ends with the records, paying nothing twice."""
+    import errno
+
+    from fastmath import fsio
+
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 40)
+    with FakeOpenAI(api_key=KEY, lifetime=120) as srv, fsio.fail_writes(tmp_path / "ref") as clean:
+        (tmp_path / "ref").mkdir()
+        ref = config(tmp_path / "ref", srv.url, seeds=seeds, num_questions=6)
+        run_synth(ref, KEY)
+    want = read_jsonl(ref.out)
+    hits = [i + 1 for i, p in enumerate(clean.log) if part in Path(p).name]  # the snapshot's temporary too
+    assert len(hits) >= nth, (part, len(hits))
+    out = tmp_path / "faulty"
+    out.mkdir()
+    with FakeOpenAI(api_key=KEY, lifetime=120) as srv:
+        cfg = config(out, srv.url, seeds=seeds, num_questions=6)
+        with fsio.fail_writes(out, at_call=hits[nth - 1], err=errno.ENOSPC) as b, \
+                pytest.raises(fsio.StorageError) as e:
+            run_synth(cfg, KEY)
+        assert b.tripped and part in Path(b.tripped).name
+        msg = str(e.value)
+        assert "\n" not in msg and "no space left on device" in msg.lower(), msg
+        assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or ".tmp." in p.name]
+        run_synth(cfg, KEY)  # the same server: batches it holds are adopted, nothing is billed twice
+        check_ledger(srv, cfg.out, 6)
+    assert len(read_jsonl(cfg.out)) == len(want) == 6
