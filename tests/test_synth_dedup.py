@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmath.synth.dedup import ContaminationIndex, NearDupIndex, normalise_text, words
+from fastmath.synth.dedup import ContaminationIndex, MinHashLSHIndex, NearDupIndex, lsh_params, normalise_text, words
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -113,6 +113,11 @@ def test_contamination_matches_brute_force():
                 assert got[1] in expected
             flagged += got is not None
         assert 20 <= flagged < len(queries)
+        batched = ContaminationIndex(n)  # the vectorised path (a downloaded batch file) answers the same
+        for i, t in enumerate(tests):
+            batched.add(t, ("test", i))
+        batched.prepare(queries)
+        assert [batched.query(q) for q in queries] == [idx.query(q) for q in queries]
 
 
 def test_contamination_reworded_and_short_questions():
@@ -142,3 +147,43 @@ def test_real_gsm8k_train_test_overlap_matches_brute_force():
     got = [q for q in train if idx.query(q) is not None]
     expected = [q for q in train if any(tuple(words(q)[j:j + 10]) in ref for j in range(len(words(q)) - 9))]
     assert got == expected and 0 < len(got) < 25  # GSM8K has a few near copies across the split
+
+
+@pytest.mark.parametrize("n, threshold", [(3, 0.7), (2, 0.5)])
+def test_minhash_index_against_brute_force(n, threshold):
+    """Every reported near duplicate has its exact Jaccard (verified, never estimated); recall of pairs at or
+    above the threshold; `prepare` and a pickle round trip (the resume snapshot) change no answer."""
+    import pickle
+
+    texts = corpus(random.Random(n * 7 + int(threshold * 10)), 500) + ["", "w1", "w1 w2"]
+    idx, batched = MinHashLSHIndex(n, threshold, pending_limit=300), MinHashLSHIndex(n, threshold)
+    batched.prepare(texts)
+    found = should = 0
+    answers = []
+    for i, text in enumerate(texts):
+        sims = [brute_jaccard(text, texts[j], n) if texts[j].split() and text.split() else 0.0 for j in range(i)]
+        got = idx.query(text)
+        assert batched.query(text) == got
+        answers.append(got)
+        if got is not None:
+            assert got[1] == pytest.approx(sims[got[0]]) and got[1] >= threshold
+        if max(sims, default=0.0) >= threshold:
+            should += 1
+            found += got is not None
+        else:
+            assert got is None
+        idx.add(i, text)
+        batched.add(i, text)
+        if i == 250:
+            idx = pickle.loads(pickle.dumps(idx))
+    assert should > 80 and found / should >= 0.99
+    assert len(idx) == len(texts)
+    idx.remove(3)
+    assert idx.query(texts[3]) is None or idx.query(texts[3])[0] != 3
+
+
+def test_lsh_params_reach_the_recall_target():
+    for t in (0.3, 0.5, 0.7, 0.9):
+        bands, rows = lsh_params(t)
+        assert 1 - (1 - t ** rows) ** bands >= 0.9995 and bands <= 32
+    assert lsh_params(0.7) == (28, 4)

@@ -53,10 +53,27 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Word n-gram length for decontamination.")
 @click.option("--max-items", type=click.IntRange(min=1), default=None,
               help="Cap on items tried, replacements included [default: 3 x the number of questions + 10].")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show the progress bar (with --batch: a progress line per poll on stderr).")
+@click.option("--batch", is_flag=True, default=False,
+              help="Use the OpenAI Batch API: half the price, results within 24 h, in rounds of batch jobs "
+                   "(create+verify, then solve, then top-ups). Rerunning the same command resumes or collects.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="With --batch: poll until every round is done; --no-wait submits, journals the ids and exits "
+                   "(rerun the same command to collect and submit the next round).")
+@click.option("--poll-interval", type=click.FloatRange(min=0.001), default=60.0, show_default=True,
+              help="With --batch: seconds between polls of the batches.")
+@click.option("--batch-size", type=click.IntRange(min=1, max=50_000), default=50_000, show_default=True,
+              help="With --batch: requests per batch file (the API allows 50,000 and 200 MB; files are split at both).")
+@click.option("--dedup", type=click.Choice(["minhash", "exact"]), default="minhash", show_default=True,
+              help="Near-duplicate index: minhash (MinHash-LSH candidates verified by exact Jaccard, ~0.35 KB per "
+                   "question) or exact (prefix filtering, ~8 KB per question).")
+@click.option("--dry-run", is_flag=True, default=False,
+              help="Print requests per stage, estimated tokens and cost at synchronous and batch prices; send nothing.")
 def command(seeds, out, num_questions, per_seed, model, base_url, concurrency, style, consistency, decontaminate,
             max_cost, seed, timeout, max_retries, temperature, max_tokens, price_in, price_out, max_parse_retries,
-            dedup_threshold, decontam_ngram, max_items, progress):
+            dedup_threshold, decontam_ngram, max_items, progress, batch, wait, poll_interval, batch_size, dedup,
+            dry_run):
     """Synthesise new math questions and chain-of-thought answers from seed questions (the paper's two calls).
 
     Example: OPENAI_API_KEY=... fastmath synth --seeds gsm8k_train.jsonl --out synth.jsonl --num-questions 1000
@@ -69,8 +86,18 @@ def command(seeds, out, num_questions, per_seed, model, base_url, concurrency, s
         consistency=consistency, decontaminate=tuple(decontaminate), max_cost=max_cost, seed=seed, timeout=timeout,
         max_retries=max_retries, temperature=temperature, max_tokens=max_tokens, price_in=price_in,
         price_out=price_out, max_parse_retries=max_parse_retries, dedup_threshold=dedup_threshold,
-        decontam_ngram=decontam_ngram, max_items=max_items, progress=progress,
+        decontam_ngram=decontam_ngram, max_items=max_items, progress=progress, batch=batch, wait=wait,
+        poll_interval=poll_interval, batch_size=batch_size, dedup=dedup,
     )
+    if dry_run:
+        from fastmath.synth.pipeline import preview
+
+        try:
+            estimate = preview(cfg)
+        except SynthError as e:
+            raise click.ClickException(str(e)) from None
+        _print_preview(estimate)
+        return
     try:
         report = run_synth(cfg, os.environ.get("OPENAI_API_KEY", ""))
     except SynthError as e:
@@ -93,7 +120,27 @@ def _print_summary(r):
                  f"{r['usage']['requests']} replies, cost {cost}")
     for line in lines:
         click.echo(line)
-    if r["stopped"] == "max_cost":
+    if r["stopped"] == "submitted":
+        b = r.get("batch", {})
+        click.echo(f"Submitted: {b.get('submissions_live', 0)} batch files in flight; rerun the same command to "
+                   "collect them and submit the next round.", err=True)
+    elif r["stopped"] == "max_cost":
         click.echo(f"Stopped at --max-cost {r['max_cost_usd']}: rerun with a higher --max-cost to continue.", err=True)
     elif not r["complete"]:
         click.echo(f"Stopped after {r['items_started']} items (--max-items): fewer records than requested.", err=True)
+
+
+def _print_preview(e):
+    click.echo(f"dry run: {e['requests_total']} requests for {e['records']} records, model {e['model']} "
+               "(nothing sent)")
+    click.echo(f"{'stage':<22}{'requests':>10}{'prompt tok':>14}{'completion tok':>16}")
+    for st in e["stages"]:
+        click.echo(f"{st['stage']:<22}{st['requests']:>10}{st['prompt_tokens']:>14}{st['completion_tokens']:>16}")
+    click.echo(f"{'total':<22}{e['requests_total']:>10}{e['prompt_tokens']:>14}{e['completion_tokens']:>16}")
+    for mode in ("sync", "batch"):
+        c = e["cost_usd"][mode]
+        price = e["price_per_million_tokens"][mode]
+        text = f"${c:,.2f}" if c is not None else "unknown (no price for this model; give --price-in/--price-out)"
+        per = f" (${price[0]:g} in / ${price[1]:g} out per M tokens)" if price else ""
+        click.echo(f"cost at {mode} prices: {text}{per}")
+    click.echo(f"estimator: {e['estimator']}")

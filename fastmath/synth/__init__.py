@@ -2,5 +2,6 @@
 
 Modules: `prompts` (the two calls, GSM8K and MATH variants), `parse` (reply fields, seed files),
 `dedup` (normalisation, near-duplicates, decontamination), `client` (one retry policy around `openai`),
-`pipeline` (journal, resume, cost; `run_synth`). Importing this package imports neither torch nor openai.
+`pipeline` (journal, snapshot, resume, cost, `--dry-run` preview; `run_synth`), `batch` (the Batch API
+rounds of `--batch`). Importing this package imports neither torch nor openai.
 """
