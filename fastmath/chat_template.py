@@ -124,8 +124,14 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     writes (<|eot_id|>, [INST], <|im_start|>) become their ids."""
     if tokenizer.chat_template is None:
         raise ChatTemplateError(f"{tokenizer.path.parent}: no chat_template in tokenizer_config.json or chat_template.jinja")
-    if tokenizer.kind != "tokenizers":
-        raise ChatTemplateError(f"{tokenizer.path}: chat templates are encoded with a tokenizer.json tokenizer "
-                                f"(special-token strings in the text need its added-token parsing)")
     text = render_chat(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens, **kwargs)
-    return tokenizer.encode(text, bos=False)
+    encoder = tokenizer
+    if tokenizer.kind != "tokenizers":  # e.g. Mistral v0.3 ships both files; the same vocabulary
+        sibling = tokenizer.path.parent / "tokenizer.json"
+        if not sibling.is_file():
+            raise ChatTemplateError(f"{tokenizer.path}: chat templates are encoded with the directory's tokenizer.json "
+                                    f"(special-token strings in the text need its added-token parsing); there is none")
+        from .tokenizer import Tokenizer
+
+        encoder = Tokenizer(sibling)
+    return encoder.encode(text, bos=False)

@@ -106,3 +106,22 @@ def test_encode_chat_needs_a_template(tmp_path):
     make_qwen2(tmp_path)
     with pytest.raises(ChatTemplateError, match="no chat_template"):
         encode_chat(Tokenizer(tmp_path), CHATS[0])
+
+
+def test_sentencepiece_directory_encodes_with_its_tokenizer_json(tmp_path):
+    """A directory with both files (Mistral v0.3) reads tokenizer.model, and encodes chats with tokenizer.json."""
+    from fastmath.tokenizer import train_tokenizer
+
+    make_mistral(tmp_path)
+    train_tokenizer(["Sam has 3 apples and buys 7 more. How many?"] * 20, tmp_path / "tokenizer.model", vocab_size=290)
+    fixture = json.loads((FIXTURES / "mistral-7b-instruct-v0.3.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **{k: fixture[k] for k in ("bos_token", "eos_token", "chat_template")}}))
+    tok = Tokenizer(tmp_path)
+    assert tok.kind == "sentencepiece" and tok.chat_template == fixture["chat_template"]
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = ref.apply_chat_template(CHATS[2], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert encode_chat(tok, CHATS[2]) == want
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ChatTemplateError, match="there is none"):
+        encode_chat(tok, CHATS[0])
