@@ -1,4 +1,5 @@
-"""fastmath: a custom-kernel LLaMA-2 trainer and sampler for math reasoning.
+"""fastmath: a custom-kernel trainer and sampler for math reasoning on LLaMA-family models (LLaMA-2/3.x,
+Mistral, Qwen2.5).
 
 `import fastmath` stays light: torch is imported only when a model-related name is used,
 so `fastmath.grading` and `fastmath.synth` run without it.
@@ -7,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def load_model(path_or_preset, device=None, dtype=None):
-    """Load a Hugging Face LLaMA directory or build a named preset with random weights.
+    """Load a Hugging Face LLaMA, Mistral or Qwen2 directory, or build a named preset with random weights.
 
     See `fastmath.checkpoint.load_model`.
     """

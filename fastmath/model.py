@@ -167,7 +167,11 @@ class Transformer(nn.Module):
     def _check_window(self, positions, max_seqlen):
         """Attention here is full causal: exact for a sliding-window model only while no sequence is longer than
         the window (Mistral v0.1's 4096), so a longer one is an error rather than silently different logits."""
-        longest = max(int(max_seqlen or 0), int(positions.max()) + 1 if positions.numel() else 0)
+        # positions.max() syncs with the device: skipped while torch.compile traces or a CUDA graph is captured
+        # (the engine then bounds sequences by its max_model_len)
+        tracing = torch.compiler.is_compiling() or (positions.is_cuda and torch.cuda.is_current_stream_capturing())
+        last = int(positions.max()) + 1 if positions.numel() and not tracing else 0
+        longest = max(int(max_seqlen or 0), last)
         if longest > self.args.sliding_window:
             raise ValueError(f"a sequence of {longest} tokens exceeds the model's sliding_window of "
                              f"{self.args.sliding_window}; fastmath runs sliding-window models only up to the window")
