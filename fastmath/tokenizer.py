@@ -126,6 +126,7 @@ class Tokenizer:
         config_path = path.parent / "tokenizer_config.json"
         config = _read_json(config_path)
         self.config = config
+        self._as_transformers_llama(config)
 
         def special(name: str) -> int | None:
             text = _token_text(config.get(name))
@@ -148,6 +149,27 @@ class Tokenizer:
         self._clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and (
             type(self._hf.model).__name__ != "BPE"
             or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+
+    def _as_transformers_llama(self, config: dict):
+        """transformers 5 builds a LlamaTokenizer's pipeline from its class, not from tokenizer.json (LLaMA-2 and
+        Mistral v0.3 ship a SentencePiece-style BPE there): a Metaspace pre-tokenizer that prepends "▁" to the
+        first word only (non-legacy) or to every split (legacy), no normalizer, and the matching decoder. The
+        same here, so the ids are transformers'. Byte-level files keep their own pipeline, as transformers does."""
+        from tokenizers import decoders, pre_tokenizers
+
+        if config.get("tokenizer_class") not in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            return
+        if type(self._hf.model).__name__ != "BPE" or "ByteLevel" in repr(self._hf.pre_tokenizer):
+            return
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        scheme = ("first" if not config.get("legacy", False) else "always") if add_prefix_space else "never"
+        self._hf.normalizer = None
+        self._hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1))
+        self._hf.decoder = decoders.Sequence(steps)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Ids of `text`; `bos` adds the special tokens as transformers does by default (`add_special_tokens`:

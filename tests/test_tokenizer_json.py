@@ -148,3 +148,35 @@ def test_bad_tokenizer_directories(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not a token"):
         Tokenizer(tmp_path)
+
+
+def make_sentencepiece_style(path, **config):
+    """A LLaMA-2 / Mistral v0.3 style tokenizer.json: BPE with byte fallback and "▁" spaces (the legacy
+    Prepend/Replace normaliser those files carry), class LlamaTokenizer."""
+    from tokenizers import Tokenizer as T, decoders, models, normalizers, processors, trainers
+
+    tok = T(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **config}))
+
+
+@pytest.mark.parametrize("config", [{"legacy": False}, {"legacy": True}, {"add_prefix_space": False}])
+def test_sentencepiece_style_tokenizer_json_as_transformers_builds_it(tmp_path, config):
+    """transformers builds a LlamaTokenizer's pre-tokenizer from the class (Metaspace), not from the file."""
+    make_sentencepiece_style(tmp_path, **config)
+    tok, ref = Tokenizer(tmp_path / "tokenizer.json"), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(ref).__name__ == "LlamaTokenizer"
+    for s in STRINGS:
+        assert tok.encode(s) == ref(s).input_ids, s
+        assert tok.encode(s, bos=False) == ref(s, add_special_tokens=False).input_ids, s
+        assert tok.decode(ref(s).input_ids) == ref.decode(ref(s).input_ids, skip_special_tokens=True), s
+    assert tok.token_bytes(tok.encode("\n", bos=False)[-1]) == b"\n"  # the <0x0A> byte piece
