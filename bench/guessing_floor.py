@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # last, not first: the repo's kernels/ must not shadow the `kernels` package transformers imports
 
 from fastmath.data import iter_examples  # noqa: E402
 from fastmath.grading import normalize_answer  # noqa: E402

@@ -61,7 +61,7 @@ def produce(root: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF's `kernels`
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         fx = produce(Path(d))

@@ -12,7 +12,6 @@ from fastmath.engine import Engine, EngineError, SamplingParams
 from fastmath.engine.scheduler import Scheduler
 from fastmath.model import Transformer
 from fastmath.synth.procedural import generate
-from fastmath.tokenizer import train_tokenizer
 from test_sampler import ScriptModel
 
 
@@ -27,10 +26,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    recs = generate(300)
-    path = tmp_path_factory.mktemp("tok") / "tok.model"
-    return train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], path, vocab_size=400)
+def tok(procedural_tok):
+    return procedural_tok
 
 
 @pytest.fixture(scope="module")

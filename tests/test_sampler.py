@@ -14,14 +14,11 @@ from fastmath.sampler import (SAMPLING_BYTES_PER_LOGIT, SamplingParams, Sampler,
                               merge_attention, plan_memory, sample_keys, sample_tokens, shared_prefix_decode_attention,
                               step_keys)
 from fastmath.synth.procedural import generate
-from fastmath.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    recs = generate(300)
-    path = tmp_path_factory.mktemp("tok") / "tok.model"
-    return train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], path, vocab_size=400)
+def tok(procedural_tok):
+    return procedural_tok
 
 
 @pytest.fixture(scope="module")
