@@ -180,3 +180,35 @@ def test_sentencepiece_style_tokenizer_json_as_transformers_builds_it(tmp_path, 
         assert tok.encode(s, bos=False) == ref(s, add_special_tokens=False).input_ids, s
         assert tok.decode(ref(s).input_ids) == ref.decode(ref(s).input_ids, skip_special_tokens=True), s
     assert tok.token_bytes(tok.encode("\n", bos=False)[-1]) == b"\n"  # the <0x0A> byte piece
+
+
+def test_engine_stops_on_a_byte_level_tokenizer(pair):
+    """Every id of the EOS set ends a sample, and the answer line and stop strings are found on byte-level
+    tokens (`Ċ` newlines, `Ġ` spaces), not only on SentencePiece pieces."""
+    from test_sampler import ScriptModel
+
+    from fastmath.engine import Engine, SamplingParams
+
+    _, tok, _, eos = pair
+    body = tok.encode("Mia has 3 apples.\nThe answer is: 42\nmore", bos=False)
+    prompt = tok.encode("Question: x", bos=True) or tok.encode("Question: x", bos=False)
+    assert any(tok.token_bytes(i) == b"\n" or b"\n" in tok.token_bytes(i) for i in body)
+    for k, stop_id in enumerate(sorted(tok.eos_ids)):  # each EOS of the set, and none of them without ignore
+        script = body + [stop_id] + tok.encode(" filler" * 30, bos=False)
+        e = Engine(ScriptModel(tok.vocab_size, script, len(prompt)), tok, max_slots=8, max_model_len=200)
+        reqs = {"eos": SamplingParams(n=1, max_new_tokens=60, stop_at_answer=False),
+                "answer": SamplingParams(n=1, max_new_tokens=60),
+                "string": SamplingParams(n=1, max_new_tokens=60, stop_at_answer=False, stop_strings=("apples",))}
+        for rid, p in reqs.items():
+            e.add_request(rid, prompt, p)
+        done = {}
+        while e.has_unfinished():
+            for o in e.step():
+                done.update({o.request_id: s for s in o.outputs if s.finished})
+        assert (done["eos"].stop_reason, done["eos"].token_ids) == ("eos", body + [stop_id]), k
+        assert done["eos"].text == tok.decode(body)
+        assert (done["answer"].stop_reason, done["answer"].text) == ("answer", "Mia has 3 apples.\nThe answer is: 42")
+        assert (done["string"].stop_reason, done["string"].text) == ("apples", "Mia has 3 ")
+        # stopped at the token that completed the line / the string, not later at EOS
+        assert tok.decode(done["answer"].token_ids).endswith("42\n") and len(done["answer"].token_ids) < len(body)
+        assert tok.decode(done["string"].token_ids).endswith("apples")

@@ -96,7 +96,7 @@ def _warm_up(engine, tok) -> None:
 
     click.echo("compiling the decode step (torch.compile) ...", err=True)
     t0 = time.perf_counter()
-    engine.add_request("warm-up", [tok.bos_id], SamplingParams(n=1, temperature=0, max_new_tokens=2,
+    engine.add_request("warm-up", tok.encode("", bos=True) or [tok.eos_id], SamplingParams(n=1, temperature=0, max_new_tokens=2,
                                                                stop_at_answer=False, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()

@@ -156,6 +156,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id
+        # every id of the EOS set ends a sample (LLaMA-3.1-Instruct has three); plain tokenizers have one
+        self.eos_ids = np.array(sorted(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}), dtype=np.int64)
         self.vocab_limit = min(self.args.vocab_size, tokenizer.vocab_size)
         self.max_model_len = int(max_model_len or self.args.max_seq_len)
         if self.max_model_len < 2:
@@ -291,9 +293,13 @@ class Engine:
         if chars not in self._trigger_cache:
             V = self.args.vocab_size
             mask = np.zeros(V, dtype=bool)
+            token_bytes = getattr(self.tokenizer, "token_bytes", None)
             for i in range(min(V, self.tokenizer.vocab_size)):
-                piece = self.tokenizer.id_to_piece(i)
-                text = "\n" if piece == "<0x0A>" else piece.replace("\u2581", " ")
+                if token_bytes is not None:  # SentencePiece pieces and byte-level BPE alike
+                    text = token_bytes(i).decode("utf-8", "replace")
+                else:
+                    piece = self.tokenizer.id_to_piece(i)
+                    text = "\n" if piece == "<0x0A>" else piece.replace("\u2581", " ")
                 mask[i] = any(c in text for c in chars)
             self._trigger_cache[chars] = mask
         return self._trigger_cache[chars]
@@ -503,7 +509,7 @@ class Engine:
                 self._touched.setdefault(req, set()).add(j)
         # stops, vectorised per stop rule (usually one rule for the whole batch)
         rules = self.slot_rule[slots]
-        eos = new_np == self.eos_id
+        eos = np.isin(new_np, self.eos_ids)
         stop_tok = np.zeros(len(slots), dtype=bool)
         check = np.zeros(len(slots), dtype=bool)
         for rid in ([rules[0]] if (rules == rules[0]).all() else np.unique(rules)):

@@ -117,9 +117,13 @@ def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         tok = state.tok
-        return {"tokenizer_class": "LlamaTokenizer", "bos_token": tok.id_to_piece(tok.bos_id),
-                "eos_token": tok.id_to_piece(tok.eos_id), "unk_token": tok.id_to_piece(tok.unk_id),
-                "pad_token": None, "add_bos_token": True, "add_eos_token": False,
+        def piece(i):
+            return None if i is None or i < 0 else tok.id_to_piece(i)
+
+        byte_level = getattr(tok, "kind", "sentencepiece") != "sentencepiece"
+        return {"tokenizer_class": "PreTrainedTokenizerFast" if byte_level else "LlamaTokenizer",
+                "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "unk_token": piece(tok.unk_id),
+                "pad_token": None, "add_bos_token": tok.bos_id is not None, "add_eos_token": False,
                 "model_max_length": state.max_model_len, "vocab_size": tok.vocab_size}
 
     @app.post("/tokenize")

@@ -23,7 +23,7 @@ def encode_text(tok, text: str, add_bos: bool = True) -> list[int]:
     """Token ids of `text` as transformers' LLaMA tokenizer gives them: BOS first (when asked), and the literal
     strings "<s>", "</s>" and "<unk>" as their control ids (lm-eval's remote tokenizer finds the EOS id so)."""
     specials = special_tokens(tok)
-    ids = [tok.bos_id] if add_bos else []
+    ids = tok.encode("", bos=True) if add_bos else []  # [BOS], or nothing for a tokenizer without one (Qwen2.5)
     pattern = "(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
     for part in re.split(pattern, text) if specials else [text]:
         if part in specials:
@@ -35,6 +35,8 @@ def encode_text(tok, text: str, add_bos: bool = True) -> list[int]:
 
 def token_string(tok, i: int) -> str:
     """A token's own text (its piece with the SentencePiece space shown as a space; byte pieces as the byte)."""
+    if getattr(tok, "kind", "sentencepiece") != "sentencepiece":  # byte-level BPE: the bytes the token stands for
+        return tok.token_bytes(int(i)).decode("utf-8", "replace")
     piece = tok.id_to_piece(int(i))
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         b = int(piece[3:5], 16)
