@@ -147,3 +147,27 @@ def test_lora_options_are_checked_for_api_users(base):
 def test_lora_dry_run_shows_memory(base, tmp_path):
     s = T.train(T.TrainConfig(model=str(base), out=str(tmp_path), lora_rank=8, **OPTS), dry_run=True)
     assert s["lora_params"] > 0
+
+
+def test_sample_accepts_an_adapter_directory(tmp_path, base):
+    """`fastmath sample --model ADAPTER` loads the base through base_model_name_or_path (or --base) and samples
+    exactly what the merged full checkpoint samples."""
+    from click.testing import CliRunner
+
+    from fastmath.cli import main
+
+    s = lora_run(base, tmp_path / "runs", merge=True, max_steps=2)
+    run = Path(s["run_dir"])
+    args = ["--n", "2", "--problems", "2", "--max-new-tokens", "10", "--greedy", "--template", "plain"]
+    outs = {}
+    for name, extra in (("adapter", ["--model", str(run / "final")]), ("merged", ["--model", str(run / "merged")]),
+                        ("based", ["--model", str(run / "final"), "--base", str(base)])):
+        res = CliRunner().invoke(main, ["sample", *extra, *args, "--out", str(tmp_path / name)],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        outs[name] = [{k: r[k] for k in ("completions", "greedy_completion")}
+                      for r in map(json.loads, (tmp_path / name / "samples.jsonl").read_text().splitlines())]
+    assert outs["adapter"] == outs["merged"] == outs["based"]
+    bad = CliRunner().invoke(main, ["sample", "--model", str(run / "final"), "--base", str(tmp_path), *args,
+                                    "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0
