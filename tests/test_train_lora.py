@@ -171,3 +171,36 @@ def test_sample_accepts_an_adapter_directory(tmp_path, base):
     bad = CliRunner().invoke(main, ["sample", "--model", str(run / "final"), "--base", str(tmp_path), *args,
                                     "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0
+
+
+def test_lora_under_fsdp_two_processes_match_one(tmp_path, base):
+    """FSDP2 with frozen base weights (2 gloo processes, 1 micro-batch each) follows the 1-process loss
+    trajectory with the same global batch, and exports the same adapter."""
+    import subprocess
+    import sys
+
+    from fastmath.checkpoint import iter_safetensors
+
+    opts = {**OPTS, "batch_tokens": 2048, "max_steps": 3, "lora_rank": 4, "lora_alpha": 8}
+    one = T.train(T.TrainConfig(model=str(base), out=str(tmp_path / "one"), **opts))
+    args = ["--model", str(base), "--out", str(tmp_path / "two"), "--no-progress"]
+    for k, v in opts.items():
+        if k != "progress":
+            args += ["--" + k.replace("_", "-"), str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastmath.cli", "train", *args]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    two = (tmp_path / "two" / "latest").resolve()
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one["run_dir"])), rtol=2e-5, atol=1e-6)
+    a = dict(iter_safetensors(Path(one["run_dir"]) / "final" / "adapter_model.safetensors"))
+    b = dict(iter_safetensors(two / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
