@@ -9,44 +9,6 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
     return pred is not None and gold is not None and is_equiv(pred, gold)
 
 
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, dist_=None) -> list[list[int]]:
-    """Batched greedy decoding with a KV cache. Under FSDP every rank must call this with the same number of
-    prompts; the stopping test is agreed across ranks so all run the same number of forwards."""
-    import torch
-
-    from ..attention import KVCache
-    from ..distributed import all_reduce
-
-    dev = next(model.parameters()).device
-    args = model.args
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cache = KVCache(args.n_layers, len(prompts), int(lengths.max()) + max_new_tokens, args.n_kv_heads, args.head_dim,
-                    dtype, dev)
-    tokens = torch.tensor([t for p in prompts for t in p], device=dev)
-    positions = torch.cat([torch.arange(n, device=dev) for n in lengths.tolist()])
-    out = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-    with torch.no_grad(), _autocast(dev):
-        cache.prefill(lengths)
-        logits = model(tokens, positions=positions, cache=cache, logits_index=torch.cumsum(lengths, 0) - 1)
-        cache.advance()
-        for step in range(max_new_tokens):
-            nxt = logits.float().argmax(-1)  # (B,)
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
-            done |= nxt == eos_id
-            remaining = (~done).sum().reshape(1)
-            if dist_ is not None:
-                all_reduce(remaining, dist_)
-            if int(remaining) == 0 or step == max_new_tokens - 1:
-                break
-            cache.decode()
-            logits = model(nxt, positions=cache.lengths.long(), cache=cache)
-            cache.advance()
-    return out
-
-
 def _autocast(dev):
     import contextlib
 
@@ -57,9 +19,88 @@ def _autocast(dev):
     return contextlib.nullcontext()
 
 
-def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_new_tokens: int, dist_,
-                    batch_size: int = 64) -> tuple[float, list[dict]]:
-    """Share of `problems` ({'question', 'answer'}) whose greedy answer matches; problems split over ranks."""
+class _CountedModel:
+    """The model as the engine sees it, counting forward calls (the lock-step needs the count)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.calls = model, model.args, 0
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.model(*args, **kw)
+
+
+def greedy_decode(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, dist_=None) -> list[dict]:
+    """Greedy completions of `prompts` with the serving engine (temperature 0, stop at EOS), one dict per
+    prompt: {"token_ids", "text"}. The one greedy decoder of fastmath (sample, serve and the trainer share it).
+
+    Lock-step (dist_ enabled, e.g. FSDP, where every forward is a collective): each rank decodes its own
+    prompts, and after every engine step the ranks agree on the most forward calls any of them made in that
+    step and whether any still has work; a rank that made fewer (or has nothing left) runs dummy one-token
+    forwards, so every rank calls the model the same number of times.
+    """
+    import torch
+
+    from ..distributed import all_reduce
+    from ..engine import Engine, SamplingParams
+
+    lock = dist_ is not None and dist_.enabled
+    counted = _CountedModel(model)
+    dev = next(model.parameters()).device
+    out: list[dict | None] = [None] * len(prompts)
+    engine = None
+    if prompts:
+        longest = max(len(p) for p in prompts)
+        args = model.args
+        kv_bytes = (2 * args.n_layers * args.n_kv_heads * args.head_dim * 4 * len(prompts)
+                    * (longest + max_new_tokens + 16))  # fp32 K and V of every prompt and completion
+        engine = Engine(counted, tokenizer, kv_cache_gb=1.25 * kv_bytes / 2**30 + 1e-3, max_slots=len(prompts),
+                        max_model_len=longest + max_new_tokens, max_prompt_len=longest, max_new_tokens=max_new_tokens,
+                        n_prompts=len(prompts), stream=False, prefill_tokens=max(8192, longest * len(prompts)))
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop_at_answer=False, seed=0)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params, noise_key=i)
+    dummy = {"tokens": torch.tensor([tokenizer.bos_id], device=dev), "positions": torch.zeros(1, dtype=torch.long, device=dev),
+             "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32, device=dev), "max_seqlen": 1}
+    if lock:
+        # FSDP2 allocates its all-gather buffers on first use and reuses them; the engine decodes under
+        # inference_mode, and buffers born there could not be written by training later. One forward outside
+        # it first makes them ordinary tensors (inference mode may write into those).
+        with torch.no_grad(), _autocast(dev):
+            model(**dummy)
+    with torch.no_grad(), _autocast(dev):
+        while True:
+            before = counted.calls
+            if engine is not None and engine.has_unfinished():
+                for ro in engine.step():
+                    if ro.finished:
+                        so = ro.outputs[0]
+                        out[int(ro.request_id)] = {"token_ids": list(so.token_ids), "text": so.text}
+            if not lock:
+                if engine is None or not engine.has_unfinished():
+                    break
+                continue
+            agree = torch.tensor([counted.calls - before, float(engine is not None and engine.has_unfinished())],
+                                 dtype=torch.float64)
+            all_reduce(agree, dist_, op=torch.distributed.ReduceOp.MAX)
+            for _ in range(int(agree[0]) - (counted.calls - before)):
+                model(**dummy)  # the forward another rank is making: same collectives, output unused
+            if not agree[1]:
+                break
+    return out
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_new_tokens: int, dist_
+                    ) -> tuple[float, list[dict]]:
+    """Share of `problems` ({'question', 'answer'}) whose greedy answer matches; problems split over ranks,
+    decoded by the engine in lock-step (see greedy_decode)."""
     import torch
 
     from ..distributed import all_reduce
@@ -67,20 +108,14 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], template: str, max_n
     was_training = model.training
     model.eval()
     mine = problems[dist_.rank::dist_.world_size]
-    per_rank = -(-len(problems) // dist_.world_size)
+    prompts = [D.encode_prompt(tokenizer, p["question"], template) for p in mine]
+    gens = greedy_decode(model, tokenizer, prompts, max_new_tokens, dist_)
     rows = []
-    for s in range(0, per_rank, batch_size):
-        chunk = mine[s:s + batch_size]
-        prompts = [D.encode_prompt(tokenizer, p["question"], template) for p in chunk]
-        n_real = len(prompts)
-        want = min(batch_size, per_rank - s)
-        prompts += [prompts[0] if prompts else [tokenizer.bos_id]] * (want - n_real)  # same forwards on every rank
-        gens = greedy_generate(model, prompts, max_new_tokens, tokenizer.eos_id, dist_ if dist_.enabled else None)
-        for p, g in zip(chunk, gens[:n_real]):
-            text = tokenizer.decode(g)
-            pred = extract_answer(text)  # fastmath.grading: the same extraction as `fastmath sample`
-            rows.append({"question": p["question"], "gold": p["answer"], "pred": pred, "output": text,
-                         "correct": answers_match(pred, str(p["answer"]))})
+    for p, g in zip(mine, gens):
+        text = g["text"]
+        pred = extract_answer(text)  # fastmath.grading: the same extraction as `fastmath sample`
+        rows.append({"question": p["question"], "gold": p["answer"], "pred": pred, "output": text,
+                     "correct": answers_match(pred, str(p["answer"]))})
     counts = torch.tensor([sum(r["correct"] for r in rows), len(rows)], dtype=torch.float64)
     all_reduce(counts, dist_)
     model.train(was_training)
