@@ -200,7 +200,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.cpu_offload and (cfg.device == "cpu" or not torch.cuda.is_available()):
             raise ValueError("--cpu-offload moves FSDP shards between a GPU and host memory; it needs a GPU")
-        if cfg.lora_rank and not is_model_path(cfg.model):
+        if cfg.lora_rank and not is_model_path(cfg.model) and not dry_run:  # (a dry run may size a preset)
             raise ValueError(f"--lora-rank adapts a checkpoint: --model must be a checkpoint directory, not the "
                              f"preset {cfg.model!r}")
         self.dist = dist_ = dist_mod.init(cfg.device, fsdp_alone=cfg.cpu_offload)
