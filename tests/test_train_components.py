@@ -70,3 +70,29 @@ def test_one_checkpoint_directory_definition(tmp_path):
     assert T.parse_procedural("max_steps=3").max_steps == 3  # lives next to the generator now
     from fastmath.synth.procedural import parse_procedural
     assert parse_procedural is T.parse_procedural
+
+
+def test_engine_greedy_decode_matches_a_full_recompute_reference(tmp_path):
+    """The trainer's greedy evaluation (the engine at temperature 0) gives the tokens of argmax decoding by
+    full recomputation, for prompts of different lengths decoded together."""
+    import sys
+
+    from fastmath.config import get_preset
+    from fastmath.model import Transformer
+    from fastmath.synth.procedural import generate
+    from fastmath.tokenizer import train_tokenizer
+    from fastmath.train.evaluate import greedy_decode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from engine_fixture import greedy_reference
+
+    torch.set_num_threads(1)
+    recs = generate(200, seed=3)
+    tok = train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], tmp_path / "t.model", vocab_size=400)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size)).eval()
+    model.init_weights(0.2)
+    prompts = [tok.encode(r["question"], bos=True) for r in recs[:5]]
+    got = greedy_decode(model, tok, prompts, 12)
+    for p, g in zip(prompts, got):
+        assert g["token_ids"] == greedy_reference(model, p, 12, tok.eos_id)

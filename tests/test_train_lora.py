@@ -181,7 +181,8 @@ def test_lora_under_fsdp_two_processes_match_one(tmp_path, base):
 
     from fastmath.checkpoint import iter_safetensors
 
-    opts = {**OPTS, "batch_tokens": 2048, "max_steps": 3, "lora_rank": 4, "lora_alpha": 8}
+    opts = {**OPTS, "batch_tokens": 2048, "max_steps": 3, "lora_rank": 4, "lora_alpha": 8, "eval_problems": 5,
+            "eval_max_new_tokens": 12}
     one = T.train(T.TrainConfig(model=str(base), out=str(tmp_path / "one"), **opts))
     args = ["--model", str(base), "--out", str(tmp_path / "two"), "--no-progress"]
     for k, v in opts.items():
@@ -204,6 +205,12 @@ def test_lora_under_fsdp_two_processes_match_one(tmp_path, base):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # Greedy evaluation in lock-step: rank 0 decoded problems 0, 2, 4 while rank 1 had two (fewer forwards),
+    # and got the texts one process got for them.
+    rows1 = [json.loads(x) for x in (Path(one["run_dir"]) / "greedy_eval.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (two / "greedy_eval.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows2] == [r["question"] for r in rows1[0::2]]
+    assert [r["output"] for r in rows2] == [r["output"] for r in rows1[0::2]]
 
 
 def test_serve_accepts_an_adapter_directory(tmp_path, base):
