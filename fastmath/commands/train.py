@@ -35,7 +35,7 @@ def _with_options(fn):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or TOML file with any of the options below; command-line options override it")
 @click.option("--resume", default=None,
-              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config; only resource options may change: --threads, --save-every, --save-minutes, --keep, --eval-every, --progress, --cache-dir)")
+              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config; only resource options may change: --threads, --save-every, --save-minutes, --keep, --eval-every, --progress, --cache-dir, --report-to)")
 @click.option("--dry-run", is_flag=True, help="print parameter count, estimated memory per GPU and steps, then exit")
 @_with_options
 @click.pass_context

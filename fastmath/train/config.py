@@ -64,12 +64,12 @@ class TrainConfig:
     log_every: int = _opt(1, "write a metrics line every N steps")
     cache_dir: str | None = _opt(None, "tokenization cache directory (default ~/.cache/fastmath/tokens; '' = off)")
     progress: bool = _opt(True, "show a progress bar")
-    report_to: list = _opt((), "where metrics go besides metrics.jsonl: none, tensorboard, wandb (repeatable)", multiple=True)
+    report_to: list = _opt((), "where metrics go besides metrics.jsonl: none, tensorboard, wandb", multiple=True)
     lora_rank: int = _opt(0, "LoRA rank: freeze the base weights and train rank-R adapters only (0 = full fine-tuning)")
     lora_alpha: float | None = _opt(None, "LoRA scaling numerator: the update is (alpha / rank) * B A (default: 2 * rank)")
     lora_dropout: float = _opt(0.0, "dropout on the input of each LoRA adapter")
     lora_targets: str = _opt("q,k,v,o", "comma-separated projections that get adapters: q,k,v,o,gate,up,down")
-    merge: bool = _opt(False, "with --lora-rank: also export final/ with the adapters merged into the base weights")
+    merge: bool = _opt(False, "with --lora-rank: also export merged/, a full HF checkpoint with the adapters folded into the base weights")
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -190,7 +190,8 @@ def resolve_config(cfg: TrainConfig, on_gpu: bool, world_size: int) -> TrainConf
 # Options that change how a run uses the machine, not what it computes: a resumed run may take new values
 # (the weights, losses and data order stay bitwise those of an uninterrupted run). Every other option is the
 # run's saved config.
-RESUME_OVERRIDABLE = ("threads", "save_every", "save_minutes", "keep", "eval_every", "progress", "cache_dir")
+RESUME_OVERRIDABLE = ("threads", "save_every", "save_minutes", "keep", "eval_every", "progress", "cache_dir",
+                      "report_to")
 
 
 def check_resume_overrides(overrides: dict) -> None:
