@@ -6,7 +6,7 @@ setup(
     description="Custom-kernel LLaMA-family trainer and 256-sample sampler for math reasoning (the Xwin-Math recipe)",
     python_requires=">=3.10",
     packages=["fastmath", "fastmath.commands", "fastmath.engine", "fastmath.eval", "fastmath.serve", "fastmath.synth",
-              "fastmath.kernels"],
+              "fastmath.train", "fastmath.kernels"],
     package_dir={"fastmath.kernels": "kernels"},  # kernels/ is fastmath.kernels; never a top-level `kernels`
     package_data={"fastmath": ["schemas/*.json"]},
     install_requires=[
@@ -29,8 +29,12 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "xformers>=0.0.25"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # `fastmath serve` (FastAPI + uvicorn, as vLLM's server)
+        "tensorboard": ["tensorboard>=2.10"],  # --report-to tensorboard
+        "wandb": ["wandb>=0.15"],  # --report-to wandb
+        # peft is not needed at run time (fastmath writes PEFT's adapter format itself); tests load it with peft
         "test": ["pytest>=7.0", "transformers>=4.40", "math-verify>=0.5", "fastapi>=0.110", "uvicorn>=0.29",
-                 "httpx>=0.25", "lm-eval[api]>=0.4.10"],
+                 "httpx>=0.25", "lm-eval[api]>=0.4.10", "peft>=0.10", "tensorboard>=2.10",
+                 "wandb>=0.15"],
     },
     entry_points={"console_scripts": ["fastmath=fastmath.cli:main"]},
 )

@@ -111,30 +111,42 @@ def full_state_dict(model, d: Dist) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded(model, optimizer, path: str) -> None:
+def _trainable(model, model_sd: dict) -> dict:
+    """Only the entries of trainable parameters (LoRA: the adapters; the frozen base is the --model dir)."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in keep}
+
+
+def save_sharded(model, optimizer, path: str, trainable_only: bool = False) -> None:
     """Model and optimizer state with torch.distributed.checkpoint (each rank writes its shards; works in
-    one process too). Exact: fp32 master weights and Adam moments as they are."""
+    one process too). Exact: fp32 master weights and Adam moments as they are. `trainable_only`: leave the
+    frozen parameters out (a LoRA run's base weights)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     import warnings
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if trainable_only:
+        model_sd = _trainable(model, model_sd)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
-def load_sharded(model, optimizer, path: str) -> None:
+def load_sharded(model, optimizer, path: str, trainable_only: bool = False) -> None:
     """Inverse of `save_sharded`, in place."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if trainable_only:
+        model_sd = _trainable(model, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not trainable_only))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
-from .attention import KVCache, varlen_attention
+from .attention import varlen_attention
 from .config import ModelArgs
 
 
@@ -175,34 +175,6 @@ class Transformer(nn.Module):
         if longest > self.args.sliding_window:
             raise ValueError(f"a sequence of {longest} tokens exceeds the model's sliding_window of "
                              f"{self.args.sliding_window}; fastmath runs sliding-window models only up to the window")
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None) -> list[list[int]]:
-        """Greedy continuation of each prompt with a KV cache (for tests and the demo; the sampler
-        in fastmath.sampler is the fast path). Returns the new tokens of each prompt, stopping after EOS."""
-        device = self.embed_tokens.weight.device
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        cache = KVCache(self.args.n_layers, len(prompts), int(lengths.max()) + max_new_tokens, self.args.n_kv_heads,
-                        self.args.head_dim, self.embed_tokens.weight.dtype, device)
-        tokens = torch.tensor([t for p in prompts for t in p], device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])
-        cache.prefill(lengths)
-        logits = self(tokens, positions=positions, cache=cache, logits_index=torch.cumsum(lengths, 0) - 1)
-        cache.advance()
-        out = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)  # (B,)
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
-            if eos_id is not None:
-                done |= nxt == eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            cache.decode()
-            logits = self(nxt, positions=cache.lengths.long(), cache=cache)
-            cache.advance()
-        return out
 
 
 def num_params(model: nn.Module) -> int:

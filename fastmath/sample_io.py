@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import data as D
 from . import fsio
+from . import runs
 from .synth import procedural as P
 
 # Said after a failed write (fsio.StorageError): finished problems are in samples.jsonl, whole lines only.
@@ -35,34 +36,16 @@ class SampleError(ValueError):
 
 
 def _is_checkpoint(p: Path) -> bool:
-    return (p / "config.json").is_file() and any(p.glob("model*.safetensors"))
+    return runs.is_checkpoint(p)
 
 
 def resolve_model(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(checkpoint directory, run directory or None) for --model.
-
-    A run directory gives its `final/`, else its newest `checkpoints/step_N/`; a checkpoint directory is
-    used as it is (its run directory is found when it sits in one).
-    """
-    p = Path(path)
-    if not p.exists():
-        hint = " (train one first: `fastmath train`)" if str(path).rstrip("/").endswith("latest") else ""
-        raise SampleError(f"{path}: no such run or checkpoint directory{hint}")
-    p = p.resolve()
-    if _is_checkpoint(p):
-        if p.name == "final":
-            return p, p.parent
-        if p.name.startswith("step_") and p.parent.name == "checkpoints":
-            return p, p.parent.parent
-        return p, None
-    if _is_checkpoint(p / "final"):
-        return p / "final", p
-    steps = sorted((int(c.name[5:]), c) for c in (p / "checkpoints").glob("step_*")
-                   if c.name[5:].isdigit() and _is_checkpoint(c))
-    if steps:
-        return steps[-1][1], p
-    raise SampleError(f"{path}: neither a checkpoint directory (config.json + model.safetensors) nor a run "
-                      "directory with final/ or checkpoints/step_N/")
+    """(checkpoint directory, run directory or None) for --model: fastmath.runs.resolve_model, whose errors
+    become SampleError."""
+    try:
+        return runs.resolve_model(path)
+    except runs.RunError as e:
+        raise SampleError(str(e)) from None
 
 
 def run_config(run_dir: Path | None) -> dict:

@@ -5,6 +5,8 @@ started with TRITON_INTERPRET=1 *and* FASTMATH_KERNELS=1 (the interpreter is fix
 ``@triton.jit`` decorates, so the first variable must be set before ``fastmath.kernels``
 is imported; the second is read on every call). FASTMATH_KERNELS=0 forces the references.
 """
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -20,9 +22,36 @@ except ImportError:  # pragma: no cover - triton is a core dependency
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The explicit switch: `with kernels_mode("off"):` (or "on", "auto") overrides FASTMATH_KERNELS for the code
+# inside, in this thread of control only, and restores the previous choice on exit. The trainer's --kernels
+# uses it, so a training run no longer leaves a process-wide environment variable behind. None: the
+# environment decides (tests and users keep FASTMATH_KERNELS).
+_MODE: contextvars.ContextVar = contextvars.ContextVar("fastmath_kernels_mode", default=None)
+_FLAGS = {"on": "1", "off": "0", "auto": ""}
+
+
+@contextlib.contextmanager
+def kernels_mode(mode: str):
+    """Choose the fused kernels for the code inside: "on" (Triton, also on CPU tensors when the process
+    started under TRITON_INTERPRET=1), "off" (PyTorch references) or "auto" (Triton on CUDA tensors)."""
+    if mode not in _FLAGS:
+        raise ValueError(f"kernels mode must be one of on, off, auto, not {mode!r}")
+    token = _MODE.set(_FLAGS[mode])
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+def kernels_flag() -> str:
+    """"1", "0" or "" (auto): the innermost kernels_mode, else FASTMATH_KERNELS."""
+    mode = _MODE.get()
+    return os.environ.get("FASTMATH_KERNELS", "") if mode is None else mode
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton path should run for these tensors."""
-    flag = os.environ.get("FASTMATH_KERNELS", "")
+    flag = kernels_flag()
     if flag == "0" or not HAS_TRITON:
         return False
     if all(t.is_cuda for t in tensors):
@@ -34,11 +63,11 @@ def kernel_status() -> str:
     """One line for `fastmath info`."""
     if not HAS_TRITON:
         return "off (triton is not installed)"
-    if os.environ.get("FASTMATH_KERNELS", "") == "0":
+    if kernels_flag() == "0":
         return "off (FASTMATH_KERNELS=0)"
     if torch.cuda.is_available():
         return "on for CUDA tensors"
-    if INTERPRET and os.environ.get("FASTMATH_KERNELS", "") == "1":
+    if INTERPRET and kernels_flag() == "1":
         return "on for CPU tensors (Triton interpreter)"
     return "off on CPU (PyTorch references; TRITON_INTERPRET=1 FASTMATH_KERNELS=1 runs the interpreter)"
 

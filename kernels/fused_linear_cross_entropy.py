@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ._dispatch import use_triton
+from ._dispatch import kernels_flag, use_triton
 from .cross_entropy import cross_entropy_fwd, cross_entropy_ref, scale_by_grad_output
 
 MIN_CHUNK_TOKENS = 256  # below this a chunk's matmuls get too thin to use the GPU well
@@ -135,7 +135,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100,
         forces the reference.
     """
     triton_path = use_triton(hidden, weight, labels)
-    cpu_chunked = (not triton_path and hidden.device.type == "cpu" and os.environ.get("FASTMATH_KERNELS") != "0"
+    cpu_chunked = (not triton_path and hidden.device.type == "cpu" and kernels_flag() != "0"
                    and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
     if (triton_path or cpu_chunked) and hidden.numel() > 0:
         if reduction not in ("mean", "sum"):

