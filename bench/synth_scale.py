@@ -9,6 +9,7 @@ not be flagged unless another text is a duplicate).
 
     python bench/synth_scale.py                       # 10K, 100K, 1M and 1.44M, each in a fresh process
     python bench/synth_scale.py --sizes 10000 100000  # quicker
+    python bench/synth_scale.py --resume-scale 100000 1000000  # a rerun's start-up: snapshot vs full replay
 Writes bench/results/synth_scale.json (or $FASTMATH_BENCH_OUT). Single-threaded (the index is pure Python +
 numpy with one thread); note `uptime` beside the figures: the machine is shared.
 """
@@ -206,13 +207,142 @@ def datasketch_reference(n):
     return {"n": n, "questions_per_s": round(n / seconds), "resident_bytes_per_question": round((r1 - r0) * 1024 / n)}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --resume-scale: start-up of a rerun over a large journal, from the snapshot vs a full replay
+
+
+def write_large_journal(directory, n):
+    """A finished synchronous run of n items without any API call: seeds, then the journal `run_synth` would
+    have written (its header for these arguments, then per item the question reply and the answer reply, with
+    the keys `_run_live` journals). Questions are `question(i)` (distinct; no near copies). Returns the cfg."""
+    from fastmath.synth.pipeline import JOURNAL_VERSION, SynthConfig, _fingerprint, _setup, output_paths, run_arguments
+
+    directory = Path(directory)
+    seeds = directory / "seeds.jsonl"
+    with open(seeds, "w") as f:
+        for i in range(50):
+            f.write(json.dumps({"question": f"Seed {i}: Ann has {i + 3} pens and buys {2 * i + 1} more pens. "
+                                            "How many pens does Ann have now?",
+                                "answer": f"{i + 3} + {2 * i + 1} = {3 * i + 4}\n#### {3 * i + 4}"}) + "\n")
+    cfg = SynthConfig(seeds=seeds, out=directory / "out.jsonl", num_questions=n, model="gpt-4o-mini",
+                      base_url="http://127.0.0.1:9/v1", progress=False)  # never contacted: the run is complete
+    _, n_target, max_items, _ = _setup(cfg)
+    args = run_arguments(cfg, n_target, max_items)
+    header = {"type": "header", "version": JOURNAL_VERSION, "fingerprint": _fingerprint(args), "args": args,
+              "run_id": "bench0resume", "paths": {"seeds": str(seeds), "decontaminate": []}}
+    t = 1.7e9
+    with open(output_paths(cfg.out)["journal"], "w", encoding="utf-8") as f:
+        f.write(json.dumps(header, ensure_ascii=False) + "\n")
+        for i in range(n):
+            q = question(i)
+            qtext = (f"CREATED QUESTION: {q}\nVERIFICATION AND MODIFICATION: The problem is solvable; no change "
+                     f"needed.\nFINAL CREATED QUESTION: {q}")
+            c = i % 997 + 3
+            atext = (f"First count what is kept.\nThen add what is found: {c - 1} + 1 = {c}.\n"
+                     f"FINAL ANSWER: {c}\nThe answer is: {c}")
+            for kind, text, pt, ct in (("question", qtext, 180, len(qtext.split())), ("answer", atext, 90, 20)):
+                f.write(json.dumps({"item": i, "kind": kind, "slot": 0, "text": text, "prompt_tokens": pt,
+                                    "completion_tokens": ct, "model": "gpt-4o-mini-2024-07-18",
+                                    "finish_reason": "stop", "id": f"chatcmpl-{kind[0]}{i}",
+                                    "time": round(t + i * 0.01, 3)}, ensure_ascii=False) + "\n")
+    return cfg
+
+
+def resume_worker(directory, n):
+    """One `run_synth` over the finished run in `directory` (in a fresh process, so peak RSS is this run's):
+    seconds until it would send its first request (entry of the request loop), snapshot read/write, total."""
+    t_start = time.perf_counter()
+    from fastmath.synth import client, pipeline  # noqa: F401 (run_synth imports the client: openai, counted here)
+
+    cfg = pipeline.SynthConfig(seeds=Path(directory) / "seeds.jsonl", out=Path(directory) / "out.jsonl",
+                               num_questions=n, model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", progress=False)
+    marks = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                marks[name] = marks.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    run_live = pipeline._run_live
+
+    async def first_request(*a, **k):  # the loop that sends requests starts here
+        marks["to_request_loop_s"] = time.perf_counter() - t0
+        return await run_live(*a, **k)
+
+    pipeline.read_snapshot = timed("snapshot_read_s", pipeline.read_snapshot)
+    pipeline.write_snapshot = timed("snapshot_write_s", pipeline.write_snapshot)
+    pipeline._run_live = first_request
+    t0 = time.perf_counter()
+    report = pipeline.run_synth(cfg, "bench-key")
+    total = time.perf_counter() - t0
+    assert report["complete"] and report["kept"] == n and not report["stopped"], report
+    return {"from_snapshot": report["resumed_from_journal"]["from_snapshot"],
+            "journal_entries_replayed": report["resumed_from_journal"]["replies"],
+            "imports_s": round(t0 - t_start, 2),
+            "to_first_request_s": round(marks["to_request_loop_s"], 2),
+            "snapshot_read_s": round(marks.get("snapshot_read_s", 0.0), 2),
+            "snapshot_write_s": round(marks.get("snapshot_write_s", 0.0), 2),
+            "run_synth_total_s": round(total, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "requests_sent": report["usage"]["requests"] - 2 * n}
+
+
+def resume_scale(n, directory=None):
+    """Full replay (no snapshot) then snapshot resume of a finished n-item run, each in a fresh process."""
+    import shutil
+    import tempfile
+
+    from fastmath.synth.pipeline import output_paths
+
+    directory = Path(directory or tempfile.mkdtemp(prefix=f"synth-resume-{n}-", dir=os.environ.get("TMPDIR")))
+    try:
+        t0 = time.perf_counter()
+        cfg = write_large_journal(directory, n)
+        t_write = time.perf_counter() - t0
+        paths = output_paths(cfg.out)
+        out = {"n_items": n, "journal_entries": 2 * n, "journal_mb": round(paths["journal"].stat().st_size / 2**20),
+               "journal_written_s": round(t_write, 1)}
+        for phase in ("full_replay", "snapshot_resume"):
+            load = os.getloadavg()
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, __file__, "--resume-worker", str(n), str(directory)],
+                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                          OPENBLAS_NUM_THREADS="1"))
+            if res.returncode:
+                raise SystemExit(res.stderr[-3000:])
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r["process_wall_s"] = round(time.perf_counter() - t0, 2)
+            r["load_avg_before"] = [round(x, 2) for x in load]
+            out[phase] = r
+            print(f"n={n} {phase}: first request after {r['to_first_request_s']} s (process {r['process_wall_s']} s, "
+                  f"{r['journal_entries_replayed']} entries replayed), peak RSS {r['peak_rss_mb']} MB, "
+                  f"load {r['load_avg_before']}", flush=True)
+        assert out["full_replay"]["from_snapshot"] is False and out["snapshot_resume"]["from_snapshot"] is True
+        out["snapshot_mb"] = round(paths["snapshot"].stat().st_size / 2**20)
+        out["records_mb"] = round(paths["records"].stat().st_size / 2**20)
+        return out
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 1_440_000])
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--datasketch", type=int, default=None, metavar="N",
                    help="Only measure datasketch's MinHashLSH on N questions and add it to the result file.")
+    p.add_argument("--resume-scale", type=int, nargs="+", default=None, metavar="N",
+                   help="Only measure a rerun's start-up over a finished N-item journal (2N replies): full replay "
+                        "vs snapshot resume, and add it to the result file under 'resume'.")
+    p.add_argument("--resume-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.resume_worker is not None:
+        print(json.dumps(resume_worker(a.resume_worker[1], int(a.resume_worker[0]))))
+        return
     if a.worker is not None:
         print(json.dumps(worker(a.worker)))
         return
@@ -225,6 +355,22 @@ def main(argv=None):
         doc = json.loads(path.read_text()) if path.exists() else {"bench": "synth_scale"}
         doc["datasketch_reference"] = r
         path.write_text(json.dumps(doc, indent=2) + "\n")
+        return
+    if a.resume_scale:
+        doc = json.loads(path.read_text()) if path.exists() else {"bench": "synth_scale"}
+        runs = {r["n_items"]: r for r in doc.get("resume", {}).get("results", [])}
+        for n in a.resume_scale:
+            runs[n] = resume_scale(n)
+            doc["resume"] = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": 1,
+                "what": "run_synth on a finished synchronous run (consistency 1, minhash dedup, no decontamination; "
+                        "journal = header + a question and an answer reply per item, as _run_live writes them): "
+                        "to_first_request_s = from the run_synth call to the entry of its request loop (which sends "
+                        "nothing: the run is complete); full_replay has no snapshot, snapshot_resume loads the one "
+                        "the full replay wrote. Each in a fresh process (peak RSS is that run's)",
+                "results": [runs[k] for k in sorted(runs)]}
+            path.write_text(json.dumps(doc, indent=2) + "\n")  # after each size: a later one may not fit in time
+        print(f"wrote {path}")
         return
     results = []
     for n in a.sizes:
