@@ -118,6 +118,10 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
+# Presets whose vocabulary is the tokenizer's when trained from scratch; the others keep their published one.
+TOKENIZER_VOCAB_PRESETS = ("tiny", "test")
+
+
 def get_preset(name: str) -> ModelArgs:
     """A fresh copy of a named preset; a clear error for an unknown name."""
     if name not in PRESETS:

@@ -85,6 +85,10 @@ def teardown(d: Dist) -> None:
 def shard_model(model, param_dtype: torch.dtype | None, cpu_offload: bool = False):
     """FSDP2: `fully_shard` each block, then the root (embeddings, final norm, head).
 
+    A tied head (args.tie_embeddings) is the embedding's one parameter: it must stay in one FSDP unit with
+    both its users (torchtitan groups [tok_embeddings, norm, output] for the same reason), here the root,
+    which gathers it once for the embedding and the head and reduces its two gradients as one.
+
     param_dtype: dtype of the gathered parameters for compute (bf16 on GPU); gradients are reduced in fp32
     and the sharded master weights stay fp32. cpu_offload keeps shards, gradients and optimizer state in
     host memory (for models that do not fit otherwise).
@@ -99,6 +103,8 @@ def shard_model(model, param_dtype: torch.dtype | None, cpu_offload: bool = Fals
     for block in model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+    if getattr(model.args, "tie_embeddings", False) and model.lm_head.weight is not model.embed_tokens.weight:
+        raise RuntimeError("FSDP sharding untied lm_head from embed_tokens (tie_embeddings); they must stay one parameter")
     return model
 
 

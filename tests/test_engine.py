@@ -261,3 +261,43 @@ def test_scheduler_keeps_live_slots_dense_and_admits_first_come_first_served():
     assert [s.slot_sample[i] for i in range(3)] == [3, 2, 1] and all(x is None for x in s.slot_req[3:])
     assert all(s.slot_req[i] is b for i in range(3))
     assert sorted(s.remove(b)) == [0, 1, 2] and b not in s.open and s.free_entries == [1]
+
+
+def test_sliding_window_caps_the_context(tok, prompts, tmp_path):
+    """A sliding-window model (Mistral v0.1's 4096; 16 here) runs only up to its window: the default context is
+    the window, a larger max_model_len or request is refused by name, and within the window greedy decoding is
+    transformers' MistralForCausalLM with that window."""
+    from engine_fixture import greedy_reference
+
+    from fastmath.checkpoint import save_checkpoint
+    from fastmath.engine.batch import Sampler
+
+    W = 16
+    torch.manual_seed(0)
+    m = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size, sliding_window=W, model_type="mistral"))
+    m.init_weights(std=0.2)
+    m = m.float().eval()
+    assert m.args.max_seq_len > W
+    e = Engine(m, tok, max_slots=2)
+    assert e.max_model_len == W
+    with pytest.raises(EngineError, match=f"max_model_len {W + 1} is more than the model's sliding_window of {W}"):
+        Engine(m, tok, max_slots=2, max_model_len=W + 1)
+    prompt = prompts[0][:6]
+    with pytest.raises(EngineError, match="more than the model's context of 16 .max_model_len. .the model's sliding_window"):
+        e.add_request("long", prompt, SamplingParams(max_new_tokens=W - 5))
+    with pytest.raises(ValueError, match="problem 0: a prompt of 6 tokens plus max_new_tokens=11 is more than the "
+                                         "model's sliding_window of 16"):
+        list(Sampler(m, tok, max_slots=2).run([prompt], SamplingParams(n=1, max_new_tokens=W - 5)))
+
+    e.add_request("ok", prompt, SamplingParams(n=1, temperature=0.0, max_new_tokens=W - 6, stop_at_answer=False,
+                                               stop_token_ids=(), ignore_eos=True))
+    got = run(e, [])[("ok", 0)]
+    assert got == greedy_reference(m, prompt, W - 6)
+    transformers = pytest.importorskip("transformers")
+    save_checkpoint(m, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MistralForCausalLM" and hf.config.sliding_window == W
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=W - 6, do_sample=False, pad_token_id=0)[0, 6:]
+    assert got == ref.tolist()

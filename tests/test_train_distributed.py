@@ -69,3 +69,51 @@ def test_two_processes_match_one(tmp_path):
     out = torchrun(["--resume", str(again)], tmp_path)
     assert "resuming" in out and "from step 3" in out
     assert losses(again) == losses(two)
+
+
+def test_tied_embeddings_stay_one_parameter_under_fsdp(tmp_path):
+    """A tied model (LLaMA-3.2 1B / Qwen2.5 <= 3B style): FSDP2 keeps embed_tokens and lm_head one parameter (both in
+    the root unit), so 2 processes follow 1 process's losses and weights; final/ stores the weight once and
+    reopens in transformers with fastmath's logits."""
+    from safetensors import safe_open
+
+    from fastmath.checkpoint import save_checkpoint
+    from fastmath.config import get_preset
+    from fastmath.model import Transformer
+    from fastmath.tokenizer import Tokenizer
+
+    recs = generate(120, seed=9)
+    tok = tmp_path / "tok.model"
+    train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok, 400)
+    torch.manual_seed(0)
+    base = Transformer(get_preset("test").replace(vocab_size=Tokenizer(tok).vocab_size, tie_embeddings=True))
+    save_checkpoint(base, tmp_path / "base", tokenizer_path=tok)
+    steps = 3
+    opts = {"model": str(tmp_path / "base"), "procedural_examples": 120, "val_examples": 4, "eval_problems": 0,
+            "micro_batch_tokens": 1024, "batch_tokens": 2048, "max_steps": steps, "lr": 3e-3, "warmup": 0.0,
+            "threads": 1, "progress": False}
+    one = Path(T.train(T.TrainConfig(out=str(tmp_path / "one"), **opts))["run_dir"])
+    args = ["--out", str(tmp_path / "two"), "--no-progress"]
+    for k, v in opts.items():
+        if k != "progress":
+            args += ["--" + k.replace("_", "-"), str(v)]
+    torchrun(args, tmp_path)
+    two = (tmp_path / "two" / "latest").resolve()
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == steps
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=2e-5, atol=1e-6)
+    m1, m2 = load_model(one / "final"), load_model(two / "final")
+    assert m2.lm_head.weight is m2.embed_tokens.weight
+    w1, w2 = m1.state_dict(), m2.state_dict()
+    for n in w1:
+        torch.testing.assert_close(w2[n], w1[n], rtol=1e-4, atol=1e-5)
+    assert (w2["embed_tokens.weight"] - base.embed_tokens.weight).abs().max() > 1e-3  # the tied weight trained
+    with safe_open(two / "final" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(two / "final", dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 5, 9, 33, 200, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, m2.eval()(ids), rtol=1e-4, atol=1e-4)

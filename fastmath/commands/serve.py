@@ -20,7 +20,8 @@ _MISSING = "fastmath serve needs FastAPI and uvicorn: pip install 'fastmath[serv
               help="Chat prompt template: vicuna, plain, or a format string with {question}. Default: the run's "
                    "training template, else vicuna.")
 @click.option("--max-model-len", type=click.IntRange(2), default=None,
-              help="Most tokens of prompt plus completion. Default: the model's max_seq_len.")
+              help="Most tokens of prompt plus completion. Default: the model's max_seq_len, or its sliding_window "
+                   "when it has one (a sliding-window model runs only up to its window; more is refused).")
 @click.option("--max-slots", type=click.IntRange(1), default=None,
               help="Most sequences decoded at once. Default: the engine's (256 on CPU, 2048 on GPU).")
 @click.option("--kv-cache-gb", type=click.FloatRange(0, min_open=True), default=None,

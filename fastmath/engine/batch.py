@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .engine import Engine
+from .engine import Engine, window_refusal
 from .kv_cache import MemoryPlan, default_kv_budget, plan_memory
 from .sampling import SamplingParams
 
@@ -96,8 +96,16 @@ class Sampler:
         for i, p in zip(indices, prompts):
             if len(p) == 0:
                 raise ValueError(f"problem {i}: empty prompt")
+        need = max(len(p) for p in prompts) + params.max_new_tokens
+        window = getattr(self.args, "sliding_window", None)
+        if window is not None and need > window:
+            longest = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+            raise ValueError(f"problem {indices[longest]}: " + window_refusal(
+                f"a prompt of {len(prompts[longest])} tokens plus max_new_tokens={params.max_new_tokens}", window))
         plan = self.prepare(prompts, params, indices)
-        context = max(self.args.max_seq_len, max(len(p) for p in prompts) + params.max_new_tokens)
+        context = max(self.args.max_seq_len, need)
+        if window is not None:
+            context = min(context, window)
         engine = Engine(self.model, self.tokenizer, max_model_len=context, compile=self.compile, plan=plan,
                         stream=False, buckets=self.buckets, prefill_tokens=self.prefill_tokens,
                         static_step=self.static_step)

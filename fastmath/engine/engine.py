@@ -41,6 +41,13 @@ class EngineError(ValueError):
     """A request that can never be served (the message names the parameter and says why)."""
 
 
+def window_refusal(what: str, window: int) -> str:
+    """The refusal of a context longer than a model's sliding window (`what`: "max_model_len 8192", ...)."""
+    return (f"{what} is more than the model's sliding_window of {window}: fastmath attends over the whole "
+            f"context, which equals the model's windowed attention only up to {window} tokens; use at most "
+            f"{window} (e.g. --max-model-len {window})")
+
+
 @dataclass
 class SampleOutput:
     index: int  # 0..n-1 (the greedy extra: index n)
@@ -131,7 +138,8 @@ class Engine:
         tokenizer: fastmath Tokenizer (EOS id, decoding and stop checks).
         kv_cache_gb: KV budget in GiB (default: free CUDA memory, or 1.5 GiB on CPU).
         max_slots: most sequences decoded at once (default 256 on CPU, 2048 on CUDA; memory permitting).
-        max_model_len: most prompt + new tokens of a request (default: model.args.max_seq_len).
+        max_model_len: most prompt + new tokens of a request (default: model.args.max_seq_len, capped at the
+            model's sliding_window when it has one; a larger value given is refused).
         compile: decode with the static step compiled by torch.compile (mode reduce-overhead on CUDA).
         max_prompt_len, max_new_tokens: the prefix and suffix capacities (default max_model_len - 1 each);
             a caller that knows its requests (fastmath sample) gives them and gets more slots.
@@ -162,6 +170,13 @@ class Engine:
         self.max_model_len = int(max_model_len or self.args.max_seq_len)
         if self.max_model_len < 2:
             raise EngineError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        # A sliding-window model (Mistral v0.1: 4096) attends over the whole cache here, which is its attention
+        # only while no sequence is longer than the window: the context stops at the window.
+        self.sliding_window = getattr(self.args, "sliding_window", None)
+        if self.sliding_window is not None:
+            if max_model_len is not None and self.max_model_len > self.sliding_window:
+                raise EngineError(window_refusal(f"max_model_len {self.max_model_len}", self.sliding_window))
+            self.max_model_len = min(self.max_model_len, self.sliding_window)
         self.max_slots = max_slots or (2048 if self.device.type == "cuda" else 256)
         self.stream = stream
         if plan is None:
@@ -235,8 +250,10 @@ class Engine:
             raise EngineError(f"params must be a SamplingParams, got {type(params).__name__}")
         L, M = len(prompt), params.max_new_tokens
         if L + M > self.max_model_len:
+            why = (" (the model's sliding_window: fastmath runs sliding-window models only up to the window)"
+                   if self.max_model_len == self.sliding_window else "")
             raise EngineError(f"a prompt of {L} tokens plus max_tokens={M} is {L + M} tokens, more than the "
-                              f"model's context of {self.max_model_len} (max_model_len)")
+                              f"model's context of {self.max_model_len} (max_model_len){why}")
         if L > self.plan.prefix_capacity:
             raise EngineError(f"a prompt of {L} tokens is longer than the {self.plan.prefix_capacity} tokens the KV "
                               "memory plan holds per prompt")

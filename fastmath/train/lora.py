@@ -7,13 +7,18 @@ the base `weight` under its old name and adds `lora_A.weight` (rank, in) and `lo
     y = x W^T + (alpha / rank) * dropout(x) A^T B^T
 
 B starts at zero (the adapted model starts as the base), A as PEFT's default (Kaiming-uniform), so the
-parameter names, the initialisation and the files match Hugging Face PEFT's LoRA for LlamaForCausalLM:
+parameter names, the initialisation and the files match Hugging Face PEFT's LoRA for LlamaForCausalLM (and
+Mistral's and Qwen2's CausalLM classes, which have the same module names):
 
     adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "base_model_name_or_path", ...}
     adapter_model.safetensors   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...
 
-`peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter_dir)` loads what
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)` loads what
 `save_adapter` writes; `load_adapter` reads it back (fastmath sample / serve), merged into the base weights.
+
+Family switches: a base q/k/v bias (Qwen2) stays in the LoRALinear, frozen, and is never saved with the
+adapter ("bias": "none", as PEFT expects); a tied output head (LLaMA-3.2 1B/3B, Qwen2.5 <= 3B) is never a
+target, so it stays the one frozen embedding parameter, and a merged export stores it once.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 # --lora-targets short names -> the projection attribute names (Hugging Face's, which PEFT's config uses).
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
            "down": "down_proj"}
-PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM -> LlamaModel
+PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM (Mistral.., Qwen2..) -> LlamaModel
 
 
 class LoRALinear(nn.Linear):
@@ -128,7 +133,7 @@ def merged_state(state: dict, lora_config: dict) -> dict:
 
 
 def adapter_config(lora_config: dict, base: str | os.PathLike | None) -> dict:
-    """PEFT's adapter_config.json for a LlamaForCausalLM base."""
+    """PEFT's adapter_config.json for a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM base."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base) if base else None,
             "r": lora_config["r"], "lora_alpha": lora_config["lora_alpha"],
             "lora_dropout": lora_config["lora_dropout"], "target_modules": list(lora_config["target_modules"]),
@@ -220,6 +225,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
                                     device=child.weight.device, dtype=child.weight.dtype)
                     lin.weight.copy_(child.merged_weight().to(child.weight.dtype))
                     lin.weight.requires_grad_(child.weight.requires_grad)
+                    if child.bias is not None:  # Qwen2's q/k/v bias: the base's, untouched by LoRA
+                        lin.bias = child.bias
                     setattr(parent, name, lin)
     model.__dict__.pop("lora_config", None)
     return model

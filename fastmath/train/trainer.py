@@ -62,9 +62,12 @@ def peak_flops(dev) -> float | None:
 
 
 def estimate_memory(args, cfg: TrainConfig, world_size: int) -> dict:
-    """Rough bytes per GPU: fp32 master weights, grads and Adam moments (sharded over ranks), bf16 gathered
-    weights of one block, and activations of one micro-batch (~34 * dim bytes per token per layer in
-    bf16, Korthikanti et al.; ~2 * dim with activation checkpointing, plus one block's worth).
+    """Rough bytes per GPU: fp32 master weights, grads and Adam moments (sharded over ranks; a tied head is
+    the embedding, counted once), bf16 gathered weights of one block (q/k/v biases, GQA's narrower k/v and an
+    explicit head_dim included), and activations of one micro-batch: the bf16 tensors a block keeps for
+    backward, in bytes per token 8 * dim (norm inputs and outputs) + 4 * q_width + 4 * kv_width (q, k, v and
+    the attention output) + 6 * intermediate (gate, up, their product), about Korthikanti et al.'s 34 * dim for
+    LLaMA-2; ~2 * dim per layer with activation checkpointing, plus one block's worth.
     With LoRA: the frozen base in bf16 (2 bytes per parameter) and 16 bytes per adapter parameter."""
     p = args.num_params()
     states = 16 * p / world_size
@@ -74,10 +77,12 @@ def estimate_memory(args, cfg: TrainConfig, world_size: int) -> dict:
 
         lora = lora_memory(args, cfg.lora_rank, cfg.lora_targets, world_size)
         states = (lora["base_gb"] + lora["adapter_states_gb"]) * 2**30
-    per_layer = (p - 2 * args.vocab_size * args.dim) / max(1, args.n_layers)
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    per_layer = (p - embeddings - args.dim) / max(1, args.n_layers)  # one block (the final norm aside)
     gathered = 2 * per_layer * (2 if world_size > 1 else 0)
     t = cfg.micro_batch_tokens
-    act_layer = 34 * args.dim * t
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    act_layer = (8 * args.dim + 4 * q + 4 * kv + 6 * args.intermediate_size) * t
     acts = (2 * args.dim * t * args.n_layers + act_layer) if cfg.activation_checkpointing else act_layer * args.n_layers
     head = t * 4 * min(args.vocab_size, 4096)  # fused CE works in chunks
     out = {"params": p, "states_gb": states / 2**30, "activations_gb": (acts + head) / 2**30,
@@ -192,7 +197,7 @@ class Trainer:
 
         from .. import distributed as dist_mod
         from ..checkpoint import load_model, read_model_args
-        from ..config import get_preset
+        from ..config import TOKENIZER_VOCAB_PRESETS, get_preset
         from ..model import Transformer
         from .checkpointing import Checkpointer
         from .loggers import Loggers
@@ -230,7 +235,11 @@ class Trainer:
             args = read_model_args(cfg.model)
             self.tok.check_model_vocab(args.vocab_size)
         else:
-            args = get_preset(cfg.model).replace(vocab_size=self.tok.vocab_size, max_seq_len=max(cfg.max_len, 512))
+            args = get_preset(cfg.model)
+            if cfg.model in TOKENIZER_VOCAB_PRESETS:  # tiny / test: sized by the tokenizer trained for them
+                args = args.replace(vocab_size=self.tok.vocab_size, max_seq_len=max(cfg.max_len, 512))
+            else:  # published dimensions (what --dry-run sizes): the tokenizer must fit their vocabulary
+                self.tok.check_model_vocab(args.vocab_size, f"preset {cfg.model}")
         self.args = args
         micro = cfg.micro_batch_tokens
         self.accum = accum = max(1, round(cfg.batch_tokens / (micro * dist_.world_size)))
