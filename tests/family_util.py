@@ -125,14 +125,15 @@ FAMILIES = {
 }
 
 
-def make_hf(kind, seed=0, vocab_size=V):
-    """transformers' model of family `kind` with random weights (norms and biases too)."""
+def make_hf(kind, seed=0, vocab_size=V, **overrides):
+    """transformers' model of family `kind` with random weights (norms and biases too); `overrides` change its
+    config (e.g. max_position_embeddings)."""
     import torch
     import transformers
 
     config_cls, _, kwargs = FAMILIES[kind]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **kwargs)
+    config = getattr(transformers, config_cls)(vocab_size=vocab_size, **{**kwargs, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
