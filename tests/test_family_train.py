@@ -88,6 +88,14 @@ def test_chat_documents_mask_exactly_the_prompt(family):
         end = ref.convert_tokens_to_ids(FAMILIES[name][2])
         assert end in full[len(prompt):]  # the answer ends with the template's end of turn, a target
         assert (full.count(ref.bos_token_id) == 1) if ref.bos_token_id is not None else name == "qwen2"
+    # few-shot under "chat": the shots are earlier user/assistant turns of the same conversation
+    from fastmath import sample_io as io
+
+    problem = io.Problem(0, "p0", examples[0].prompt, "10", None, None)
+    shots = io.fewshot_turns(2, {problem.question})
+    want = ref.apply_chat_template(shots + [{"role": "user", "content": problem.question}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert len(shots) == 4 and io.encode_prompts(tok, [problem], "chat", fewshot=2) == [want]
 
 
 def test_trained_final_reopens_in_transformers(family):
@@ -129,7 +137,7 @@ def test_sample_and_serve_with_the_chat_template(family, tmp_path):
 
     from fastmath.cli import main
 
-    _, _, run = family
+    name, _, run = family
     final = run / "final"
     res = CliRunner().invoke(main, ["sample", "--model", str(final), "--template", "chat", "--n", "2", "--problems",
                                     "2", "--max-new-tokens", str(NEW), "--greedy", "--no-stop-at-answer",
@@ -155,6 +163,10 @@ def test_sample_and_serve_with_the_chat_template(family, tmp_path):
                              "temperature": 0})
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == hf_greedy(hf, ref, question)
+        if name == "mistral":  # a conversation the template itself refuses is a 400 with its message
+            status, body = http("POST", server.base_url + "/chat/completions",
+                                {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+            assert status == 400 and "roles must alternate" in body["error"]["message"], body
     finally:
         server.stop()
 
@@ -174,3 +186,18 @@ def test_chat_template_errors_are_clear(family, tmp_path):
     (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=f"--template chat renders the checkpoint's own chat template, but {bare} has none"):
         T.train(T.TrainConfig(model=str(bare), out=str(tmp_path / "runs"), **{**OPTS, "max_steps": 1}))
+
+
+def test_lora_adapter_carries_the_tokenizer_files(family, tmp_path):
+    """A LoRA run's adapter directory holds the base's tokenizer.json, tokenizer_config.json (chat template) and a
+    generation_config.json whose EOS set has the template's end of turn: it samples and serves on its own."""
+    name, base, _ = family
+    if name != "qwen2":  # one family is enough: the copy is the same code for all (q/k/v biases, no BOS here)
+        pytest.skip("checked on qwen2")
+    summary = T.train(T.TrainConfig(model=str(base), out=str(tmp_path), **{**OPTS, "max_steps": 1, "lora_rank": 2}))
+    adapter = Path(summary["run_dir"]) / "final"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "tokenizer.model").exists()
+    ref = transformers.AutoTokenizer.from_pretrained(adapter)
+    assert ref.chat_template == transformers.AutoTokenizer.from_pretrained(base).chat_template
+    end, base_eos = (ref.convert_tokens_to_ids(FAMILIES[name][k]) for k in (2, 3))
+    assert Tokenizer(adapter).eos_ids == {end, base_eos}
