@@ -240,6 +240,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
         check_chat_template(tokenizer, template)
     prompts = [(render_prompt(e.prompt, template) if template != CHAT else e.prompt) if e.prompt is not None
                else None for e in examples]
+    sep = response_separator(tokenizer)
     chunk = 4096
     ids_all: list[np.ndarray] = []
     n_prompt = np.zeros(len(examples), dtype=np.int32)
@@ -262,7 +263,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
                 ids, n_prompt[s + i] = chats[i]
                 ids_all.append(np.asarray(ids, dtype=np.int32))
             continue
-        resp = tokenizer.encode_batch([e.response for e in batch], bos=False, eos=True)
+        resp = tokenizer.encode_batch([(sep if e.prompt is not None else "") + e.response for e in batch],
+                                      bos=False, eos=True)
         has_prompt = [i for i, p in enumerate(prompts[s:s + chunk]) if p is not None]
         pr = dict(zip(has_prompt, tokenizer.encode_batch([prompts[s + i] for i in has_prompt], bos=True)))
         for i, r in enumerate(resp):
@@ -274,6 +276,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(ids_all) if ids_all else np.zeros(0, np.int32)
     return TokenizedDocs(tokens, offsets, n_prompt, [e.answer for e in examples])
+
+
+def response_separator(tokenizer) -> str:
+    """What goes between a prompt ("... ASSISTANT:") and its response, which is tokenized on its own: nothing for
+    SentencePiece-style tokenizers, whose dummy prefix already makes the response's first word "▁word" (the
+    paper's and FastChat's "ASSISTANT: response"); a space for byte-level BPE (LLaMA-3, Qwen2.5), which has no
+    dummy prefix, so the document is the same text "ASSISTANT: response" there too."""
+    ids = tokenizer.encode("a", bos=False)
+    return "" if ids and tokenizer.id_to_piece(ids[0]).startswith("\u2581") else " "
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -98,6 +98,26 @@ def test_chat_documents_mask_exactly_the_prompt(family):
     assert len(shots) == 4 and io.encode_prompts(tok, [problem], "chat", fewshot=2) == [want]
 
 
+def test_plain_templates_on_the_family_tokenizer(family):
+    """Under vicuna/plain, a document is what transformers' tokenizer gives for the text "prompt response" plus
+    tokenizer_config.json's EOS (TRL's prompt-completion form; a byte-level tokenizer has no dummy prefix, so
+    the space is written), its first len(tokenizer(prompt)) tokens masked; Qwen2 documents start without BOS."""
+    name, base, _ = family
+    ref = transformers.AutoTokenizer.from_pretrained(base)
+    tok = Tokenizer(base)
+    examples = [D.record_to_example(r) for r in (
+        {"question": "Sam has 3 apples and buys 7 more. How many?", "answer": "3+7\n#### 10"},
+        {"text": "Plain text has no prompt."})]
+    for template in ("vicuna", "plain"):
+        docs = D.tokenize_examples(examples, tok, template)
+        prompt = D.render_prompt(examples[0].prompt, template)
+        assert docs.doc(0).tolist() == ref(prompt + " " + examples[0].response).input_ids + [ref.eos_token_id]
+        assert int(docs.n_prompt[0]) == len(ref(prompt).input_ids) == len(D.encode_prompt(tok, examples[0].prompt,
+                                                                                            template))
+        assert docs.doc(1).tolist() == ref(examples[1].response).input_ids + [ref.eos_token_id]
+        assert (docs.doc(0)[0] == ref.bos_token_id) if name != "qwen2" else ref.bos_token_id is None
+
+
 def test_trained_final_reopens_in_transformers(family):
     name, base, run = family
     final = run / "final"
