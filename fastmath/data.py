@@ -238,9 +238,9 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
     """
     if template == CHAT:
         check_chat_template(tokenizer, template)
-    prompts = [(render_prompt(e.prompt, template) if template != CHAT else e.prompt) if e.prompt is not None
-               else None for e in examples]
-    sep = response_separator(tokenizer)
+    else:
+        prompts = [render_prompt(e.prompt, template) if e.prompt is not None else None for e in examples]
+        sep = response_separator(tokenizer)
     chunk = 4096
     ids_all: list[np.ndarray] = []
     n_prompt = np.zeros(len(examples), dtype=np.int32)

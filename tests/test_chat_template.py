@@ -101,3 +101,26 @@ def test_sentencepiece_directory_encodes_with_its_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(ChatTemplateError, match="there is none"):
         encode_chat(tok, CHATS[0])
+
+
+def test_sft_documents_of_toy_templates(tmp_path):
+    """encode_sft_chats: a template that writes no special token after the answer gets the EOS appended (so a
+    trained model still stops); one whose prompt is not a prefix of the conversation is refused, by name."""
+    from fastmath.chat_template import chat_end_ids, encode_sft_chats
+
+    make_qwen2(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    plain = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": plain}))
+    tok, ref = Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert chat_end_ids(tok) == frozenset()
+    chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    [(ids, n)] = encode_sft_chats(tok, [("What is 2 + 3?", "5")])
+    assert ids == ref.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] + [tok.eos_id]
+    assert n == len(ref.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"])
+    reordered = "{% if add_generation_prompt %}A: {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": reordered}))
+    with pytest.raises(ChatTemplateError, match="cannot be masked exactly"):
+        encode_sft_chats(Tokenizer(tmp_path), [("What is 2 + 3?", "5")])
