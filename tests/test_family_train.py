@@ -10,7 +10,8 @@ Mistral (MHA, BOS <s>, [INST] template, </s> ends a turn) and Qwen2 (GQA, q/k/v 
   tokenizer in AutoTokenizer with the same ids and chat template, and its generation_config stops on the
   template's end of turn;
 - `fastmath sample` writes graded samples whose greedy answer is transformers' greedy `generate` of the same
-  prompt; `fastmath serve --template chat` answers a chat completion with that same greedy text.
+  prompt; `fastmath serve` on the run (whose template, chat, is its default) answers a chat completion with that
+  same greedy text.
 """
 import json
 import sys
@@ -175,7 +176,7 @@ def test_sample_and_serve_with_the_chat_template(family, tmp_path):
                                                                  return_dict=True)["input_ids"])
     assert recs[0]["greedy_completion"] == hf_greedy(hf, ref, recs[0]["question"].strip())
 
-    server = Server(final, "--template", "chat")
+    server = Server(run)  # the run directory: its final/, and its training template (chat) by default
     try:
         question = recs[1]["question"].strip()
         status, body = http("POST", server.base_url + "/chat/completions",
