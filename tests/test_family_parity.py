@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastmath  # noqa: E402
 from fastmath.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from family_util import FAMILIES, LLAMA3_ROPE, V, make_hf  # noqa: E402,F401 (shared builders)
+from family_util import FAMILIES, V, make_hf  # noqa: E402 (shared builders)
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, tmp_path_factory):
