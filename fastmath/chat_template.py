@@ -118,20 +118,86 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         raise ChatTemplateError(f"chat template: {e}") from None
 
 
+def chat_encoder(tokenizer):
+    """The tokenizer that encodes rendered chat text: the checkpoint's tokenizer.json (its added-token parsing turns
+    the special-token strings a template writes into their ids). A SentencePiece directory (Mistral v0.3 ships
+    both files, one vocabulary) uses its sibling tokenizer.json."""
+    if tokenizer.chat_template is None:
+        raise ChatTemplateError(f"{tokenizer.path.parent}: no chat_template in tokenizer_config.json or chat_template.jinja")
+    if tokenizer.kind == "tokenizers":
+        return tokenizer
+    sibling = tokenizer.path.parent / "tokenizer.json"
+    if not sibling.is_file():
+        raise ChatTemplateError(f"{tokenizer.path}: chat templates are encoded with the directory's tokenizer.json "
+                                f"(special-token strings in the text need its added-token parsing); there is none")
+    if getattr(tokenizer, "_chat_encoder", None) is None:  # loaded once per tokenizer (a 128K vocabulary is slow)
+        from .tokenizer import Tokenizer
+
+        tokenizer._chat_encoder = Tokenizer(sibling)
+    return tokenizer._chat_encoder
+
+
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
     """Token ids of the checkpoint's chat template applied to `messages`, with no BOS added on top of the
     template's own (transformers' `apply_chat_template(..., tokenize=True)`); special-token strings the template
     writes (<|eot_id|>, [INST], <|im_start|>) become their ids."""
-    if tokenizer.chat_template is None:
-        raise ChatTemplateError(f"{tokenizer.path.parent}: no chat_template in tokenizer_config.json or chat_template.jinja")
+    encoder = chat_encoder(tokenizer)
     text = render_chat(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.special_tokens, **kwargs)
-    encoder = tokenizer
-    if tokenizer.kind != "tokenizers":  # e.g. Mistral v0.3 ships both files; the same vocabulary
-        sibling = tokenizer.path.parent / "tokenizer.json"
-        if not sibling.is_file():
-            raise ChatTemplateError(f"{tokenizer.path}: chat templates are encoded with the directory's tokenizer.json "
-                                    f"(special-token strings in the text need its added-token parsing); there is none")
-        from .tokenizer import Tokenizer
-
-        encoder = Tokenizer(sibling)
     return encoder.encode(text, bos=False)
+
+
+def encode_sft_chats(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Training documents of (question, answer) pairs under the checkpoint's chat template, as TRL's SFTTrainer
+    tokenizes a conversational prompt-completion example: the document is
+    `apply_chat_template([user, assistant])`, and its first `len(apply_chat_template([user],
+    add_generation_prompt=True))` tokens are the prompt (no loss). The answer therefore ends with whatever the
+    template writes after an assistant turn (<|eot_id|> for LLaMA-3, <|im_end|> and a newline for Qwen2.5,
+    </s> for Mistral); a template that writes no special token there gets the EOS appended, so a trained model
+    still stops. Returns [(ids, number of prompt tokens)].
+
+    Raises ChatTemplateError when the template does not render the answer after the generation prompt, or the
+    prompt's tokens are not a prefix of the document's (the mask would then be wrong)."""
+    encoder = chat_encoder(tokenizer)
+    specials = tokenizer.special_tokens
+    prompts, fulls = [], []
+    for q, a in pairs:
+        user = {"role": "user", "content": q}
+        p = render_chat(tokenizer.chat_template, [user], True, specials)
+        f = render_chat(tokenizer.chat_template, [user, {"role": "assistant", "content": a}], False, specials)
+        if not f.startswith(p) or a.strip() not in f[len(p):]:
+            raise ChatTemplateError(
+                f"{tokenizer.path.parent}: the chat template does not render [user, assistant] as the [user] prompt "
+                f"with its generation prompt followed by the answer, so the answer cannot be masked exactly "
+                f"(question {q[:60]!r})")
+        prompts.append(p)
+        fulls.append(f)
+    p_ids = encoder.encode_batch(prompts, bos=False)
+    f_ids = encoder.encode_batch(fulls, bos=False)
+    ends = chat_end_ids(tokenizer)
+    out = []
+    for (q, _), p, f in zip(pairs, p_ids, f_ids):
+        if f[:len(p)] != p:
+            raise ChatTemplateError(f"{tokenizer.path.parent}: the prompt's tokens are not a prefix of the "
+                                    f"conversation's (question {q[:60]!r}); the answer cannot be masked exactly")
+        out.append((f if ends else f + [tokenizer.eos_id], len(p)))
+    return out
+
+
+def _special_ids(encoder) -> set[int]:
+    """Ids of the special added tokens of a tokenizer.json (the ones skip_special_tokens drops)."""
+    return {i for i, t in encoder._hf.get_added_tokens_decoder().items() if t.special}
+
+
+def chat_end_ids(tokenizer) -> frozenset[int]:
+    """The special token the template writes right after an assistant's answer (its end of turn: LLaMA-3's
+    <|eot_id|>, Qwen2.5's <|im_end|>, Mistral's </s>); empty when it writes none. A model trained with the
+    template emits it at the end of an answer, so it belongs to the EOS set of the trained checkpoint."""
+    encoder = chat_encoder(tokenizer)
+    user, answer = {"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}
+    p = encoder.encode(render_chat(tokenizer.chat_template, [user], True, tokenizer.special_tokens), bos=False)
+    f = encoder.encode(render_chat(tokenizer.chat_template, [user, answer], False, tokenizer.special_tokens), bos=False)
+    special = _special_ids(encoder)
+    for i in f[len(p):] if f[:len(p)] == p else []:
+        if i in special:
+            return frozenset([i])
+    return frozenset()

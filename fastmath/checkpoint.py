@@ -334,13 +334,15 @@ def _write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_path=None, dtype=None,
-                    max_shard_size: int = 5 * 2**30, state_dict: dict | None = None) -> Path:
+                    max_shard_size: int = 5 * 2**30, state_dict: dict | None = None, eos_ids=None) -> Path:
     """Write `model` as a Hugging Face LLaMA directory (every file fsynced; callers that need the directory
     to appear all at once write it under a temporary name and rename it, as the trainer does).
 
     Args:
         tokenizer_path: a SentencePiece model, a tokenizer.json or a checkpoint directory: copied in with the
-            base's tokenizer_config.json (chat template) and generation_config.json (see `_write_tokenizer`).
+            base's tokenizer_config.json (chat template) and generation_config.json (see `copy_tokenizer`).
+        eos_ids: the ids that end a generation, written to generation_config.json and config.json (default: the
+            tokenizer's EOS set; a run trained with `--template chat` adds the template's end-of-turn token).
         dtype: dtype of the stored weights (default: the model's).
         max_shard_size: bytes per safetensors shard; larger models are sharded with an index file.
         state_dict: the full (unsharded) state dict, when `model` itself is sharded (FSDP).
@@ -357,12 +359,13 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
             continue  # one tensor, stored as embed_tokens only (as transformers saves tied weights)
         hf_name = name if name.startswith("lm_head.") else "model." + name
         hf_state[hf_name] = t.detach().to("cpu", dtype).contiguous()
-    bos, eos, generation = 1, 2, None
+    bos, eos = 1, 2
     if tokenizer_path is not None:
-        bos, eos, generation = _write_tokenizer(tokenizer_path, directory, model.args)
+        bos, eos = copy_tokenizer(tokenizer_path, directory, model.args, eos_ids)
+    else:
+        _write_json(directory / "generation_config.json",
+                    {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len})
     _write_json(directory / "config.json", args_to_hf_config(model.args, dtype, bos, eos))
-    _write_json(directory / "generation_config.json",
-                generation or {"bos_token_id": bos, "eos_token_id": eos, "max_length": model.args.max_seq_len})
     shards = _shard(hf_state, max_shard_size)
     for old in list(directory.glob("model*.safetensors")) + [directory / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
@@ -380,32 +383,54 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, tokenizer_
     return directory
 
 
-def _write_tokenizer(tokenizer_path, directory: Path, args: ModelArgs):
-    """Copy the tokenizer into a checkpoint directory: tokenizer.model or tokenizer.json, with the base's own
-    tokenizer_config.json (its chat template), special_tokens_map.json, chat_template.jinja and
-    generation_config.json when it has them (a LLaMA-2 tokenizer_config.json is written for a bare
-    SentencePiece file). Returns (bos id, eos id or ids for config.json, the base's generation_config or None)."""
+def copy_tokenizer(tokenizer_path, directory: str | os.PathLike, args: ModelArgs | None = None, eos_ids=None):
+    """Copy a tokenizer into a checkpoint or adapter directory: tokenizer.model or tokenizer.json, with the base's
+    own tokenizer_config.json (its chat template), special_tokens_map.json and chat_template.jinja when it has
+    them (a LLaMA-2 tokenizer_config.json is written for a bare SentencePiece file), and generation_config.json:
+    the base's, else a minimal one, with `eos_token_id` set to `eos_ids` when given (a chat-template run's
+    end-of-turn token joins the EOS set, so generation stops where training ended each answer).
+
+    The one definition of "the tokenizer files of a directory": full checkpoints (save_checkpoint) and LoRA
+    adapter directories both use it. `args` checks the vocabulary and sizes the minimal generation config.
+    Returns (bos id or None, eos id or the sorted list of EOS ids) for config.json.
+    """
     from .fsio import copy_file
     from .tokenizer import Tokenizer
 
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(tokenizer_path)
-    tok.check_model_vocab(args.vocab_size)
+    if args is not None:
+        tok.check_model_vocab(args.vocab_size)
     source = tok.path.parent
-    copy_file(tok.path, directory / ("tokenizer.json" if tok.kind == "tokenizers" else "tokenizer.model"))
+    same = source.resolve() == directory.resolve()
+    target = directory / ("tokenizer.json" if tok.kind == "tokenizers" else "tokenizer.model")
+    if tok.path.resolve() != target.resolve():
+        copy_file(tok.path, target)
+    if tok.kind == "sentencepiece" and (source / "tokenizer.json").is_file() and not same:
+        copy_file(source / "tokenizer.json", directory / "tokenizer.json")  # Mistral v0.3: chat encoding uses it
     for name in ("special_tokens_map.json", "chat_template.jinja"):
-        if (source / name).is_file() and source.resolve() != directory.resolve():
+        if (source / name).is_file() and not same:
             copy_file(source / name, directory / name)
     if (source / "tokenizer_config.json").is_file():
-        if source.resolve() != directory.resolve():
+        if not same:
             copy_file(source / "tokenizer_config.json", directory / "tokenizer_config.json")
     elif tok.kind == "sentencepiece":
         _write_json(directory / "tokenizer_config.json",
                     {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                      "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-                     "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": args.max_seq_len})
+                     "clean_up_tokenization_spaces": False, "legacy": False,
+                     **({"model_max_length": args.max_seq_len} if args is not None else {})})
+    ids = sorted(set(tok.eos_ids) | set(int(i) for i in (eos_ids or ())))
+    eos = ids if len(ids) > 1 else tok.eos_id
     generation = read_json(source / "generation_config.json") if (source / "generation_config.json").is_file() else None
-    eos = sorted(tok.eos_ids) if len(tok.eos_ids) > 1 else tok.eos_id
-    return tok.bos_id, eos, generation
+    if generation is None:
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": eos,
+                      **({"max_length": args.max_seq_len} if args is not None else {})}
+    elif eos_ids is not None:
+        generation = {**generation, "eos_token_id": eos}
+    _write_json(directory / "generation_config.json", generation)
+    return tok.bos_id, eos
 
 
 def checkpoint_bytes(state: dict, dtype=None) -> int:

@@ -6,7 +6,10 @@ tokens -> labels aligned with positions (label[t] = token[t+1]; -100 where token
 and at each document's last token) -> best-fit-decreasing packs of at most `budget` tokens with
 `cu_seqlens` (int32) and per-document `positions`. No padding inside a pack.
 
-`render_prompt` / `encode_prompt` are the only place the prompt format lives; the sampler uses them too.
+`render_prompt` / `encode_prompt` are the only place the prompt format lives; the sampler uses them too. The
+`chat` template is the checkpoint's own chat_template (fastmath.chat_template): the prompt is the rendered [user]
+turn with the generation prompt, the document the rendered [user, assistant] conversation (as TRL's SFTTrainer
+tokenizes conversational data).
 This module does not import torch at import time (packing and tokenization are numpy).
 """
 from __future__ import annotations
@@ -35,21 +38,48 @@ TEMPLATES = {
     "vicuna": VICUNA_SYSTEM + " USER: {question} ASSISTANT:",
     "plain": "Question: {question}\nAnswer:",
 }
+CHAT = "chat"  # the template name meaning: the checkpoint's own chat_template
 ANSWER_PREFIX = "The answer is: "
 CACHE_VERSION = 1  # bump when tokenization or answer rewriting changes, to invalidate caches
 
 
+def check_template(template: str) -> None:
+    """ValueError unless `template` is "chat", a named template or a format string with {question}."""
+    if template != CHAT and "{question}" not in TEMPLATES.get(template, template):
+        raise ValueError(f"unknown prompt template {template!r}: use one of {', '.join(TEMPLATES)}, {CHAT} (the "
+                         "checkpoint's own chat template) or a format string containing {question}")
+
+
+def check_chat_template(tokenizer, template: str) -> None:
+    """A clear error when `template` is "chat" and the checkpoint has no chat template to render."""
+    if template == CHAT and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"--template chat renders the checkpoint's own chat template, but {tokenizer.path.parent} "
+                         "has none (no chat_template in tokenizer_config.json, no chat_template.jinja); use "
+                         f"{', '.join(TEMPLATES)} or a format string with {{question}}")
+
+
 def render_prompt(question: str, template: str = "vicuna") -> str:
-    """The prompt text for a question: a named template ("vicuna", "plain") or a format string with {question}."""
-    fmt = TEMPLATES.get(template, template)
-    if "{question}" not in fmt:
-        raise ValueError(f"unknown prompt template {template!r}: use one of {', '.join(TEMPLATES)} "
-                         "or a format string containing {question}")
-    return fmt.replace("{question}", question.strip())
+    """The prompt text for a question: a named template ("vicuna", "plain") or a format string with {question}
+    (the `chat` template is the checkpoint's: fastmath.chat_template renders it)."""
+    check_template(template)
+    if template == CHAT:
+        raise ValueError("the chat template is rendered from a checkpoint's tokenizer: use encode_prompt")
+    return TEMPLATES.get(template, template).replace("{question}", question.strip())
+
+
+def chat_messages(question: str) -> list[dict]:
+    """The conversation of a question under the `chat` template: one user message."""
+    return [{"role": "user", "content": question.strip()}]
 
 
 def encode_prompt(tokenizer, question: str, template: str = "vicuna") -> list[int]:
-    """Token ids of a prompt exactly as training sees them: BOS + render_prompt(question)."""
+    """Token ids of a prompt exactly as training sees them: BOS + render_prompt(question), or under `chat` the
+    checkpoint's template of the user message with its generation prompt (its own BOS, none added)."""
+    if template == CHAT:
+        from .chat_template import encode_chat
+
+        check_chat_template(tokenizer, template)
+        return encode_chat(tokenizer, chat_messages(question), add_generation_prompt=True)
     return tokenizer.encode(render_prompt(question, template), bos=True, eos=False)
 
 
@@ -202,9 +232,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
     """Token ids `[BOS] prompt response [EOS]` per example; plain-text examples are `[BOS] text [EOS]`.
 
     The prompt and the response are encoded separately (so the prompt boundary is exact and identical to
-    `encode_prompt`, which the sampler uses).
+    `encode_prompt`, which the sampler uses). Under the `chat` template an example is the checkpoint's template
+    of [user, assistant], its prompt the [user] turn with the generation prompt, the answer ending with the
+    template's own end of turn (fastmath.chat_template.encode_sft_chats).
     """
-    prompts = [render_prompt(e.prompt, template) if e.prompt is not None else None for e in examples]
+    if template == CHAT:
+        check_chat_template(tokenizer, template)
+    else:
+        prompts = [render_prompt(e.prompt, template) if e.prompt is not None else None for e in examples]
+        sep = response_separator(tokenizer)
     chunk = 4096
     ids_all: list[np.ndarray] = []
     n_prompt = np.zeros(len(examples), dtype=np.int32)
@@ -214,7 +250,21 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
         rng = tqdm(rng, desc="tokenizing", unit_scale=chunk, unit="ex", leave=False)
     for s in rng:
         batch = examples[s:s + chunk]
-        resp = tokenizer.encode_batch([e.response for e in batch], bos=False, eos=True)
+        if template == CHAT:
+            from .chat_template import encode_sft_chats
+
+            has_prompt = [i for i, e in enumerate(batch) if e.prompt is not None]
+            chats = dict(zip(has_prompt, encode_sft_chats(
+                tokenizer, [(batch[i].prompt.strip(), batch[i].response) for i in has_prompt])))
+            for i, e in enumerate(batch):
+                if i not in chats:  # plain text: [BOS] text [EOS], as under the other templates
+                    p = tokenizer.encode("", bos=True)
+                    chats[i] = (p + tokenizer.encode(e.response, bos=False, eos=True), len(p))
+                ids, n_prompt[s + i] = chats[i]
+                ids_all.append(np.asarray(ids, dtype=np.int32))
+            continue
+        resp = tokenizer.encode_batch([(sep if e.prompt is not None else "") + e.response for e in batch],
+                                      bos=False, eos=True)
         has_prompt = [i for i, p in enumerate(prompts[s:s + chunk]) if p is not None]
         pr = dict(zip(has_prompt, tokenizer.encode_batch([prompts[s + i] for i in has_prompt], bos=True)))
         for i, r in enumerate(resp):
@@ -228,6 +278,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, template: str = "v
     return TokenizedDocs(tokens, offsets, n_prompt, [e.answer for e in examples])
 
 
+def response_separator(tokenizer) -> str:
+    """What goes between a prompt ("... ASSISTANT:") and its response, which is tokenized on its own: nothing for
+    SentencePiece-style tokenizers, whose dummy prefix already makes the response's first word "▁word" (the
+    paper's and FastChat's "ASSISTANT: response"); a space for byte-level BPE (LLaMA-3, Qwen2.5), which has no
+    dummy prefix, so the document is the same text "ASSISTANT: response" there too."""
+    ids = tokenizer.encode("a", bos=False)
+    return "" if ids and tokenizer.id_to_piece(ids[0]).startswith("\u2581") else " "
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (streamed)."""
     h = hashlib.sha256()
@@ -235,6 +294,23 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def tokenizer_digests(tokenizer, template: str) -> list[str]:
+    """What the ids of a tokenizer depend on, for cache keys: its file; for a tokenizer.json also
+    tokenizer_config.json (its BOS/EOS); under the `chat` template the template text and special tokens and, for
+    a SentencePiece directory, the tokenizer.json that encodes chats."""
+    parts = [file_digest(tokenizer.path)]
+    config = tokenizer.path.parent / "tokenizer_config.json"
+    if getattr(tokenizer, "kind", "sentencepiece") == "tokenizers" and config.is_file():
+        parts.append(file_digest(config))
+    if template == CHAT:
+        parts += [tokenizer.chat_template or "", json.dumps(tokenizer.special_tokens, sort_keys=True),
+                  str(sorted(tokenizer.eos_ids))]
+        sibling = tokenizer.path.parent / "tokenizer.json"
+        if tokenizer.kind != "tokenizers" and sibling.is_file():
+            parts.append(file_digest(sibling))
+    return parts
 
 
 def default_cache_dir() -> Path:
@@ -267,7 +343,8 @@ def load_tokenized(path: str | os.PathLike, tokenizer, template: str = "vicuna",
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     key = None
     if cache_dir:
-        parts = [f"v{CACHE_VERSION}", file_digest(path), file_digest(tokenizer.path), TEMPLATES.get(template, template)]
+        parts = [f"v{CACHE_VERSION}", file_digest(path), *tokenizer_digests(tokenizer, template),
+                 TEMPLATES.get(template, template)]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
         cached = Path(cache_dir) / f"{key}.npz"
         if cached.is_file():
@@ -519,6 +596,9 @@ class PackedStream:
 
 def texts_for_tokenizer(examples: Iterable[Example], template: str = "vicuna") -> Iterable[str]:
     """The texts a tokenizer trained for these examples should see (prompt and response)."""
+    if template == CHAT:
+        raise ValueError("--template chat renders the checkpoint's own chat template: it needs --model to be a "
+                         "checkpoint directory with one (a tokenizer trained on the fly has none)")
     for e in examples:
         if e.prompt is not None:
             yield render_prompt(e.prompt, template)

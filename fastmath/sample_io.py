@@ -109,6 +109,17 @@ def load_problems(data: str | None, limit: int | None, cfg: dict) -> tuple[list[
     return out, str(path.resolve())
 
 
+def _shots(k: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """K solved procedural training problems (question, solution ending "The answer is: X")."""
+    shots = [r for r in P.generate(k + len(exclude) + 8, split="train", seed=1234) if r["question"] not in exclude][:k]
+    return [(r["question"], D.fastmath_response(r["solution"], r["answer"])[0]) for r in shots]
+
+
+def fewshot_turns(k: int, exclude: set[str]) -> list[dict]:
+    """The few-shot examples of `fewshot_prefix` as chat turns (user question, assistant solution)."""
+    return [m for q, a in _shots(k, exclude) for m in (*D.chat_messages(q), {"role": "assistant", "content": a})]
+
+
 def fewshot_prefix(k: int, template: str, exclude: set[str]) -> str:
     """K solved procedural training problems rendered with the template, for base models.
 
@@ -117,18 +128,21 @@ def fewshot_prefix(k: int, template: str, exclude: set[str]) -> str:
     """
     if k <= 0:
         return ""
-    shots = [r for r in P.generate(k + len(exclude) + 8, split="train", seed=1234) if r["question"] not in exclude][:k]
-    parts = []
-    for r in shots:
-        response, _ = D.fastmath_response(r["solution"], r["answer"])
-        parts.append(D.render_prompt(r["question"], template) + " " + response)
+    parts = [D.render_prompt(q, template) + " " + response for q, response in _shots(k, exclude)]
     return "\n\n".join(parts) + "\n\n"
 
 
 def encode_prompts(tokenizer, problems: list[Problem], template: str, fewshot: int) -> list[list[int]]:
-    """BOS + [few-shot examples] + render_prompt(question): exactly what training saw without few-shot."""
+    """BOS + [few-shot examples] + render_prompt(question): exactly what training saw without few-shot. Under the
+    `chat` template, the checkpoint's template of [shots as user/assistant turns..., user question]."""
     if fewshot <= 0:
         return [D.encode_prompt(tokenizer, p.question, template) for p in problems]
+    if template == D.CHAT:  # the shots as earlier turns of the conversation, under the checkpoint's template
+        from .chat_template import encode_chat
+
+        D.check_chat_template(tokenizer, template)
+        turns = fewshot_turns(fewshot, {p.question for p in problems})
+        return [encode_chat(tokenizer, turns + D.chat_messages(p.question)) for p in problems]
     prefix = fewshot_prefix(fewshot, template, {p.question for p in problems})
     return tokenizer.encode_batch([prefix + D.render_prompt(p.question, template) for p in problems], bos=True)
 

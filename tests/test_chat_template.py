@@ -1,9 +1,8 @@
 """The checkpoint's own chat template against transformers' apply_chat_template, on the real LLaMA-3.1-Instruct,
 Mistral-7B-Instruct-v0.3 and Qwen2.5-Instruct template strings (tests/data/chat_templates/, copied verbatim from
-their tokenizer_config.json). The tokenizers are the byte-level BPE ones tests/test_tokenizer_json.py builds."""
+their tokenizer_config.json). The tokenizers are the byte-level BPE ones tests/family_util.py builds."""
 import json
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,7 @@ pytest.importorskip("tokenizers")
 
 from fastmath.chat_template import ChatTemplateError, encode_chat, render_chat  # noqa: E402
 from fastmath.tokenizer import Tokenizer  # noqa: E402
-from test_tokenizer_json import _bpe, make_llama3, make_qwen2  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "data" / "chat_templates"
+from family_util import CHAT_FAMILIES as FAMILIES, FIXTURES, make_chat_dir, make_mistral, make_qwen2  # noqa: E402
 
 CHATS = [
     [{"role": "user", "content": "What is 2 + 3?"}],
@@ -26,30 +23,9 @@ CHATS = [
 ]
 
 
-def make_mistral(path):
-    """A byte-level stand-in for Mistral v0.3's tokenizer.json: <s> added by the post-processor, [INST] tokens."""
-    from tokenizers import pre_tokenizers, processors
-
-    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"]
-    tok = _bpe(specials, pre_tokenizers.ByteLevel(add_prefix_space=False), lambda t: processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", t.token_to_id("<s>"))]))
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-FAMILIES = {"llama3.1-8b-instruct": make_llama3, "mistral-7b-instruct-v0.3": make_mistral,
-            "qwen2.5-instruct": make_qwen2}
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def chat_dir(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    FAMILIES[request.param](path)
-    fixture = json.loads((FIXTURES / f"{request.param}.json").read_text())
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config.update({k: fixture[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")})
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    path = make_chat_dir(request.param, tmp_path_factory.mktemp(request.param))
     return request.param, path, Tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
 
 
@@ -125,3 +101,26 @@ def test_sentencepiece_directory_encodes_with_its_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(ChatTemplateError, match="there is none"):
         encode_chat(tok, CHATS[0])
+
+
+def test_sft_documents_of_toy_templates(tmp_path):
+    """encode_sft_chats: a template that writes no special token after the answer gets the EOS appended (so a
+    trained model still stops); one whose prompt is not a prefix of the conversation is refused, by name."""
+    from fastmath.chat_template import chat_end_ids, encode_sft_chats
+
+    make_qwen2(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    plain = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": plain}))
+    tok, ref = Tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert chat_end_ids(tok) == frozenset()
+    chat = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    [(ids, n)] = encode_sft_chats(tok, [("What is 2 + 3?", "5")])
+    assert ids == ref.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] + [tok.eos_id]
+    assert n == len(ref.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"])
+    reordered = "{% if add_generation_prompt %}A: {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": reordered}))
+    with pytest.raises(ChatTemplateError, match="cannot be masked exactly"):
+        encode_sft_chats(Tokenizer(tmp_path), [("What is 2 + 3?", "5")])

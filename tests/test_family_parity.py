@@ -14,45 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastmath  # noqa: E402
 from fastmath.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-
-V = 97
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-FAMILIES = {
-    # LLaMA-3.2-like: GQA, tied, llama3 rope scaling, head_dim 24 != hidden / heads
-    "llama3-gqa-tied": (transformers.LlamaConfig, "LlamaForCausalLM",
-                        dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=24, tie_word_embeddings=True,
-                             rope_parameters=LLAMA3_ROPE, max_position_embeddings=128)),
-    # Mistral v0.1-like: MHA, untied, a 4096 window no test sequence reaches; saved sharded
-    "mistral-mha": (transformers.MistralConfig, "MistralForCausalLM",
-                    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, sliding_window=4096, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    # Qwen2.5-like: GQA, untied, q/k/v biases, sliding_window given but use_sliding_window false
-    "qwen2-gqa": (transformers.Qwen2Config, "Qwen2ForCausalLM",
-                  dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-                       num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=False,
-                       sliding_window=32, rms_norm_eps=1e-6)),
-    # Qwen2.5-1.5B-like: MHA, tied, biases
-    "qwen2-mha-tied": (transformers.Qwen2Config, "Qwen2ForCausalLM",
-                       dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=4, tie_word_embeddings=True, use_sliding_window=False)),
-}
-
-
-def make_hf(kind, seed=0):
-    config_cls, _, kwargs = FAMILIES[kind]
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(vocab_size=V, **kwargs)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # norms and biases random, so a dropped one would show
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.08)
-    return model
-
+from family_util import FAMILIES, V, make_hf  # noqa: E402 (shared builders)
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, tmp_path_factory):
@@ -199,7 +161,7 @@ def test_qwen2_active_sliding_window_is_kept(tmp_path):
 def test_save_copies_a_tokenizer_json_with_its_template_and_eos_list(tmp_path):
     """save_checkpoint(tokenizer_path=base) writes tokenizer.json, the base's tokenizer_config.json (chat template)
     and generation_config.json (the EOS list): transformers reopens the same tokenizer and stops on every EOS."""
-    from test_tokenizer_json import make_llama3
+    from family_util import make_llama3
 
     base = tmp_path / "base"
     eos = make_llama3(base)

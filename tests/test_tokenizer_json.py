@@ -13,76 +13,14 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from fastmath.tokenizer import Tokenizer  # noqa: E402
+from family_util import CORPUS, make_llama3, make_qwen2  # noqa: E402 (shared builders)
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-CORPUS = [f"Sam has {i} apples and buys {i * 3 + 7} more. How many apples does Sam have now?\nThe answer is: "
-          f"{i * 4 + 7}" for i in range(300)] + [
-    "Let $x^2 + 3x = 10$. Then \\frac{a}{b} = \\sqrt{2}, and π ≈ 3.14159.", "ünïcödé 中文 日本語 🙂 emoji",
-    "  leading spaces\ttabs\r\nwindows lines", "I'm sure they've said it's theirs; we'd go, you'll see."]
 STRINGS = CORPUS[:3] + CORPUS[-4:] + [
     "", " ", "\n\n", "12345678901234567890", "x" * 50, "The answer is: \\boxed{42}", "a<|eot_id|>b",
     "<|begin_of_text|>already has a BOS", "Hello , world ! isn 't it ?", "🙂🙃 mixed 中文 and café", "\u00a0nbsp",
     "trailing space ", "tab\tand\nnewline", "<|im_start|>user\nhi<|im_end|>",
     "cafe\u0301 (NFD)",
 ]
-
-
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2 splits every digit
-
-
-def _bpe(specials: list[str], pre_tokenizer, post_processor, vocab_size=600, normalizer=None):
-    from tokenizers import Tokenizer as T, decoders, models, pre_tokenizers, trainers
-
-    tok = T(models.BPE())
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    if post_processor is not None:
-        tok.post_processor = post_processor(tok)
-    return tok
-
-
-def make_llama3(path):
-    from tokenizers import Regex, pre_tokenizers, processors
-
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|start_header_id|>",
-                "<|end_header_id|>"]
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    post = lambda tok: processors.TemplateProcessing(  # noqa: E731
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
-    tok = _bpe(specials, pre, post)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-        "clean_up_tokenization_spaces": True, "model_max_length": 131072}))
-    ids = [tok.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": tok.token_to_id("<|begin_of_text|>"),
-                                                             "eos_token_id": ids}))
-    return ids
-
-
-def make_qwen2(path):
-    from tokenizers import Regex, normalizers, pre_tokenizers, processors
-
-    # Qwen2.5's pipeline (transformers 5 rebuilds a Qwen2Tokenizer's pipeline from its class, so it must be it)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok = _bpe(specials, pre, lambda tok: processors.ByteLevel(trim_offsets=False), normalizer=normalizers.NFC())
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "clean_up_tokenization_spaces": False,
-        "errors": "replace", "model_max_length": 131072}))
-    return [tok.token_to_id("<|im_end|>")]
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])

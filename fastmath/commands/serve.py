@@ -17,8 +17,8 @@ _MISSING = "fastmath serve needs FastAPI and uvicorn: pip install 'fastmath[serv
 @click.option("--served-model-name", default=None,
               help="Model name clients send and /v1/models lists. Default: --model as given.")
 @click.option("--template", default=None,
-              help="Chat prompt template: vicuna, plain, or a format string with {question}. Default: the run's "
-                   "training template, else vicuna.")
+              help="Chat prompt template: vicuna, plain, chat (the checkpoint's own chat_template, over every "
+                   "message), or a format string with {question}. Default: the run's training template, else vicuna.")
 @click.option("--max-model-len", type=click.IntRange(2), default=None,
               help="Most tokens of prompt plus completion. Default: the model's max_seq_len, or its sliding_window "
                    "when it has one (a sliding-window model runs only up to its window; more is refused).")
@@ -57,7 +57,7 @@ def command(base, model, host, port, api_key, served_model_name, template, max_m
 
     from fastmath.checkpoint import CheckpointError
     from fastmath.train.lora import load_model_or_adapter
-    from fastmath.data import render_prompt
+    from fastmath.data import check_chat_template, check_template
     from fastmath.engine import Engine
     from fastmath.sample_io import SampleError, resolve_model, run_config
     from fastmath.serve.app import create_app
@@ -68,7 +68,7 @@ def command(base, model, host, port, api_key, served_model_name, template, max_m
     try:
         ckpt, run_dir = resolve_model(model)
         template = template or run_config(run_dir).get("template") or "vicuna"
-        render_prompt("x", template)  # a bad template fails now, not at the first chat request
+        check_template(template)  # a bad template fails now, not at the first chat request
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
         torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
@@ -76,6 +76,7 @@ def command(base, model, host, port, api_key, served_model_name, template, max_m
         net, _ = load_model_or_adapter(ckpt, base=base, device=dev, dtype=torch_dtype)
         tok = Tokenizer(ckpt)
         tok.check_model_vocab(net.args.vocab_size)
+        check_chat_template(tok, template)
         engine = Engine(net, tok, kv_cache_gb=kv_cache_gb, max_slots=max_slots, max_model_len=max_model_len,
                         compile=compile_)
     except (SampleError, CheckpointError, ValueError) as e:

@@ -29,7 +29,7 @@ class SampleConfig:
     out: str | None = _opt(None, "Output folder. Default: eval/ in the run directory.")
     greedy: bool = _opt(False, "Also decode one greedy answer per problem (first-answer accuracy).", flag=True)
     problems: int | None = _opt(None, "Only the first K problems.", min=1)
-    template: str | None = _opt(None, "Prompt template: vicuna, plain, or a format string with {question}. Default: the run's training template, else vicuna.")
+    template: str | None = _opt(None, "Prompt template: vicuna, plain, chat (the checkpoint's own chat_template), or a format string with {question}. Default: the run's training template, else vicuna.")
     fewshot: int = _opt(0, "Prepend K solved procedural problems (for base models that were not fine-tuned).", min=0)
     stop_at_answer: bool = _opt(True, "Stop a sample after its completed 'The answer is: ...' line.", negatable=True)
     kv_cache_gb: float | None = _opt(None, "KV cache budget in GiB. Default: free GPU memory, or 1.5 GiB on CPU.", min=0, min_open=True)

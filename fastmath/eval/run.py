@@ -41,13 +41,13 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
     from .. import fsio, metrics
     from .. import sample_io as io
     from ..train.lora import load_model_or_adapter
-    from ..data import render_prompt
+    from ..data import check_chat_template, check_template
     from ..tokenizer import Tokenizer
 
     ckpt, run_dir = io.resolve_model(model)
     cfg = io.run_config(run_dir)
     template = template or cfg.get("template") or "vicuna"
-    render_prompt("x", template)  # a bad template is an error before anything runs
+    check_template(template)  # a bad template is an error before anything runs
     probs, data_desc = io.load_problems(data, problems, cfg)
     out_dir = Path(out) if out else (run_dir or ckpt) / "eval"
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -77,6 +77,7 @@ def evaluate(config: SampleConfig | None = None, *, progress: bool = True, log=p
         net, _ = load_model_or_adapter(ckpt, base=sc.base, device=dist.device, dtype=torch_dtype)
         tok = Tokenizer(ckpt)
         tok.check_model_vocab(net.args.vocab_size)
+        check_chat_template(tok, template)
         prompts = io.encode_prompts(tok, mine, template, fewshot)
         by_index = {p.index: p for p in mine}
         sampler = Sampler(net, tok, kv_cache_gb=kv_cache_gb, max_slots=max_slots, compile=compile_)

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine_loop import EngineLoop, QueueFull
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, bad,
                        check_chat, check_completion, error_body, prompt_list, stops)
-from .text import IncrementalDetokenizer, encode_text, render_chat, token_string
+from .text import IncrementalDetokenizer, chat_prompt_ids, encode_text, token_string
 
 log = logging.getLogger("fastmath.serve")
 
@@ -171,8 +171,7 @@ def create_app(engine, tokenizer, model_name: str, template: str = "vicuna", api
     async def chat(req: ChatCompletionRequest, request: Request):
         check_chat(req)
         check_model(state, req.model)
-        text = render_chat(req.messages, state.template)
-        ids = encode_text(state.tok, text, add_bos=True)
+        ids = chat_prompt_ids(state.tok, req.messages, state.template)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limit if limit is not None else state.max_model_len - len(ids)
         check_lengths(state, [ids], max_tokens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..data import TEMPLATES, VICUNA_SYSTEM, render_prompt
+from ..data import CHAT, TEMPLATES, VICUNA_SYSTEM, render_prompt
 from .protocol import bad
 
 REPLACEMENT = "\ufffd"  # what SentencePiece's byte fallback decodes an incomplete UTF-8 sequence to
@@ -42,6 +42,23 @@ def token_string(tok, i: int) -> str:
         b = int(piece[3:5], 16)
         return chr(b) if b < 0x80 else piece
     return piece.replace("\u2581", " ")
+
+
+def chat_prompt_ids(tok, messages, template: str) -> list[int]:
+    """Token ids of a chat request's prompt: under `chat`, the checkpoint's own chat template over every message
+    (as vLLM and transformers' apply_chat_template(..., add_generation_prompt=True) give them, no second BOS);
+    otherwise `render_chat` encoded with BOS."""
+    if template != CHAT:
+        return encode_text(tok, render_chat(messages, template), add_bos=True)
+    from ..chat_template import ChatTemplateError, encode_chat
+
+    # OpenAI's "developer" role is its newer name for "system", the role chat templates know
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                    for i, m in enumerate(messages)]
+    try:
+        return encode_chat(tok, conversation, add_generation_prompt=True)
+    except ChatTemplateError as e:  # the template refused the conversation (e.g. roles must alternate)
+        raise bad(str(e), "messages") from None
 
 
 def render_chat(messages, template: str) -> str:

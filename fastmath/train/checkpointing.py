@@ -31,13 +31,15 @@ from . import lora as L
 
 class Checkpointer:
     def __init__(self, run_dir: Path, model, optimizer, dist_, tokenizer_path: Path, keep: int, state: dict,
-                 lora_base: str | None = None):
+                 lora_base: str | None = None, eos_ids=None):
         """`state` is the trainer's dict of resumable counters (tokens_seen, elapsed, last_good, ...), shared:
         the checkpointer writes it and sets state['last_good']. `lora_base`: the base checkpoint of a LoRA
-        run (its adapters are saved in PEFT format, pointing at it)."""
+        run (its adapters are saved in PEFT format, pointing at it). `eos_ids`: the EOS set the saved
+        generation_config.json lists (a `--template chat` run adds the template's end of turn), else the base's."""
         self.run_dir, self.model, self.optimizer, self.dist = run_dir, model, optimizer, dist_
         self.tokenizer_path, self.keep, self.state, self.lora_base = tokenizer_path, keep, state, lora_base
         self.lora = getattr(model, "lora_config", None)
+        self.eos_ids = eos_ids
 
     # -- messages ------------------------------------------------------------------------------------------
 
@@ -73,9 +75,11 @@ class Checkpointer:
         from ..checkpoint import save_checkpoint
 
         if self.lora:
-            L.save_adapter(full, self.lora, directory, self.lora_base, tokenizer_path=self.tokenizer_path)
+            L.save_adapter(full, self.lora, directory, self.lora_base, tokenizer_path=self.tokenizer_path,
+                           eos_ids=self.eos_ids)
         else:
-            save_checkpoint(self.model, directory, tokenizer_path=self.tokenizer_path, state_dict=full, dtype=dtype)
+            save_checkpoint(self.model, directory, tokenizer_path=self.tokenizer_path, state_dict=full, dtype=dtype,
+                            eos_ids=self.eos_ids)
 
     def save(self, step: int, reason: str, epoch: float, seed: int) -> None:
         """checkpoints/step_N (collective: every rank calls it)."""
@@ -168,7 +172,8 @@ class Checkpointer:
             fsio.check_free(self.run_dir, checkpoint_bytes(weights, dtype) + self.tokenizer_path.stat().st_size,
                             f"the {name} export", self.last_good_sentence())
             if merge or not self.lora:
-                save_checkpoint(self.model, tmp, tokenizer_path=self.tokenizer_path, state_dict=full, dtype=dtype)
+                save_checkpoint(self.model, tmp, tokenizer_path=self.tokenizer_path, state_dict=full, dtype=dtype,
+                                eos_ids=self.eos_ids)
             else:
                 self._write_weights(tmp, full)
             fsio.fsync_dir(tmp)

@@ -26,11 +26,11 @@ class TrainConfig:
     """
 
     model: str = _opt("tiny", "model preset (tiny, test, llama2-7b, ...) trained from scratch, or a checkpoint directory to fine-tune")
-    tokenizer: str | None = _opt(None, "SentencePiece .model file (default: the checkpoint's; for a preset, one is trained on the data)")
+    tokenizer: str | None = _opt(None, "tokenizer: a SentencePiece .model, a tokenizer.json or a checkpoint directory with either (default: the checkpoint's; for a preset, one is trained on the data)")
     tokenizer_vocab: int = _opt(768, "vocabulary size of a tokenizer trained on the fly")
     data: list = _opt((), "training JSONL file(s) in GSM8K, MATH, fastmath or {'text'} format (default: procedural problems)", multiple=True)
     weights: list = _opt((), "mixing weight per data file (2 = twice per epoch, 0.5 = half); default 1 each", multiple=True, type=float)
-    template: str = _opt("vicuna", "prompt template: vicuna (the paper's Vicuna-v1.1), plain, or a format string with {question}")
+    template: str = _opt("vicuna", "prompt template: vicuna (the paper's Vicuna-v1.1), plain, chat (the checkpoint's own chat_template: the rendered user turn and generation prompt are masked, the answer ends with the template's end of turn), or a format string with {question}")
     procedural: str = _opt("", "difficulty of the procedural default data, e.g. 'min_steps=2 max_steps=3 max_operand=20 ops=add,sub,mul'")
     procedural_examples: int = _opt(8000, "number of procedural training problems (when no --data)")
     val_examples: int = _opt(200, "held-out examples for the validation loss (procedural test split, or removed from --data)")
@@ -111,6 +111,13 @@ def validate(cfg: TrainConfig) -> None:
                          f"not {cfg.lora_targets!r}")
     if cfg.merge and not cfg.lora_rank:
         raise ValueError("--merge merges LoRA adapters into the base weights; it needs --lora-rank")
+    from ..data import CHAT, check_template
+    from ..runs import is_model_path
+
+    check_template(cfg.template)
+    if cfg.template == CHAT and not cfg.tokenizer and not is_model_path(cfg.model):
+        raise ValueError(f"--template chat renders the checkpoint's own chat template: --model must be a checkpoint "
+                         f"directory with one (or --tokenizer a directory with one), not the preset {cfg.model!r}")
 
 
 def config_fields() -> list[dataclasses.Field]:

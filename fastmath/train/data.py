@@ -46,12 +46,16 @@ def prepare_data(cfg: TrainConfig, run_dir: Path | None, dist_, log=print) -> Pr
         counts["procedural"] = dataclasses.asdict(pcfg)
 
     # Tokenizer: given, from the checkpoint, or trained on this data (rank 0 writes, the others wait).
+    # A checkpoint's tokenizer is tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE: LLaMA-3.x,
+    # Qwen2.5); the run keeps its path, and every export copies it with its config files (copy_tokenizer).
     if cfg.tokenizer:
         tok_path = Path(cfg.tokenizer)
+        if not tok_path.exists():
+            raise ValueError(f"--tokenizer {cfg.tokenizer}: no such file or directory")
     elif is_model_path(cfg.model):
-        tok_path = Path(cfg.model) / "tokenizer.model"
-        if not tok_path.is_file():
-            raise ValueError(f"{cfg.model}: checkpoint has no tokenizer.model; pass --tokenizer")
+        tok_path = Path(cfg.model)
+        if not any((tok_path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+            raise ValueError(f"{cfg.model}: checkpoint has neither tokenizer.model nor tokenizer.json; pass --tokenizer")
     else:
         if run_dir is None:
             raise ValueError("a tokenizer trained on the fly needs a run directory")
@@ -72,6 +76,14 @@ def prepare_data(cfg: TrainConfig, run_dir: Path | None, dist_, log=print) -> Pr
 
         barrier(dist_)
     tokenizer = Tokenizer(tok_path)
+    tok_path = tokenizer.path  # the file itself (a directory resolves to its tokenizer.model or tokenizer.json)
+    D.check_chat_template(tokenizer, cfg.template)
+    if cfg.template == D.CHAT:
+        # The template's end of turn (<|eot_id|>, <|im_end|>) ends every trained answer, so it ends generation
+        # too: greedy evaluation here, and the exported checkpoints' generation_config.json.
+        from ..chat_template import chat_end_ids
+
+        tokenizer.eos_ids = tokenizer.eos_ids | chat_end_ids(tokenizer)
 
     if cfg.data:
         parts, hits = [], 0

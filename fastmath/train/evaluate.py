@@ -67,7 +67,8 @@ def greedy_decode(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, stop_at_answer=False, seed=0)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params, noise_key=i)
-    dummy = {"tokens": torch.tensor([tokenizer.bos_id], device=dev), "positions": torch.zeros(1, dtype=torch.long, device=dev),
+    any_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # Qwen2.5 has no BOS
+    dummy = {"tokens": torch.tensor([any_id], device=dev), "positions": torch.zeros(1, dtype=torch.long, device=dev),
              "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32, device=dev), "max_seqlen": 1}
     if lock:
         # FSDP2 allocates its all-gather buffers on first use and reuses them; the engine decodes under

@@ -143,19 +143,21 @@ def adapter_config(lora_config: dict, base: str | os.PathLike | None) -> dict:
 
 
 def save_adapter(state: dict, lora_config: dict, directory: str | os.PathLike, base: str | os.PathLike | None,
-                 tokenizer_path=None) -> Path:
+                 tokenizer_path=None, eos_ids=None) -> Path:
     """Write a PEFT adapter directory from a full (unsharded) state dict (fsynced files; callers rename a
-    temporary directory into place). The tokenizer is copied in so the directory samples on its own."""
+    temporary directory into place). The tokenizer files are copied in (fastmath.checkpoint.copy_tokenizer:
+    tokenizer, its config and chat template, generation_config.json with `eos_ids`) so the directory samples
+    and serves on its own."""
     from .. import fsio
-    from ..checkpoint import write_safetensors
+    from ..checkpoint import copy_tokenizer, write_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state(state).items()}
     write_safetensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     fsio.atomic_write_json(directory / "adapter_config.json", adapter_config(lora_config, base))
-    if tokenizer_path is not None and Path(tokenizer_path).is_file():
-        fsio.copy_file(tokenizer_path, directory / "tokenizer.model")
+    if tokenizer_path is not None:
+        copy_tokenizer(tokenizer_path, directory, eos_ids=eos_ids)
     return directory
 
 
@@ -246,7 +248,8 @@ def load_model_or_adapter(path: str | os.PathLike, base: str | os.PathLike | Non
     load_adapter(model, path, merge=True)
     if dtype is not None:
         model.to(dtype)
-    tok_dir = Path(path) if (Path(path) / "tokenizer.model").is_file() else base_dir
+    own = any((Path(path) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
+    tok_dir = Path(path) if own else base_dir
     return model, tok_dir
 
 

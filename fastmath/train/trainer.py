@@ -294,7 +294,8 @@ class Trainer:
         # Resumable state and the checkpointer.
         self.state = {"tokens_seen": 0, "elapsed": 0.0, "untrained_acc": None, "last_good": None}
         self.ckpt = Checkpointer(run_dir, model, self.optimizer, dist_, prep.tokenizer_path, cfg.keep, self.state,
-                                 lora_base=str(Path(cfg.model).resolve()) if cfg.lora_rank else None)
+                                 lora_base=str(Path(cfg.model).resolve()) if cfg.lora_rank else None,
+                                 eos_ids=sorted(self.tok.eos_ids) if cfg.template == D.CHAT else None)
         self.start_step = self.ckpt.resume() if resume else 0
         if resume:
             self.say(f"resuming {run_dir} from step {self.start_step}" if self.start_step
