@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The difficulty used by the scaling runs, chosen with --calibrate from the smallest run alone (the trials
 # are listed in bench/results/repro_paper.json under "difficulty_trials").
-DIFFICULTY = "min_steps=1 max_steps=4 max_operand=20 max_factor=3 max_value=100 ops=add,sub,mul"
+DIFFICULTY = ("min_steps=1 max_steps=3 max_operand=20 max_start=999 max_factor=3 max_value=999 ops=add,sub,mul "
+              "test_fraction=0.1 style=terse")
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,16 @@ class Settings:
     pretrain_epochs: float = 1.0
     pretrain_lr: float = 1e-3
     # SFT: nested subsets (the first k examples of one stream), same epochs and lr for every size.
-    sizes: tuple = (1000, 2000, 4000, 8000)
+    sizes: tuple = (1000, 3000, 9000)
     sft_epochs: float = 3.0  # the paper's 3 epochs
     sft_lr: float = 3e-4
     template: str = "plain"  # "Question: ...\nAnswer:"; the paper's Vicuna prompt would double the tokens per example
     batch_tokens: int = 4096  # one packed micro-batch per optimizer step
     # Evaluation: n samples at temperature T plus greedy, on held-out (test-split) problems.
-    problems: int = 100
+    problems: int = 200
     n: int = 256
     temperature: float = 0.7
-    max_new_tokens: int = 160
+    max_new_tokens: int = 96
     seed: int = 0
 
     def base_key(self) -> dict:
@@ -544,7 +545,7 @@ def parse_args(argv=None):
     p.add_argument("--difficulty", default=None, help=f"procedural spec (default {d.difficulty!r})")
     p.add_argument("--sizes", default=None, help="comma-separated SFT data sizes (default 1000,2000,4000,8000)")
     p.add_argument("--pretrain-examples", type=int, default=None, help=f"plain pre-training texts (default {d.pretrain_examples})")
-    p.add_argument("--problems", type=int, default=None, help=f"held-out problems, at most 100 (default {d.problems})")
+    p.add_argument("--problems", type=int, default=None, help=f"held-out problems, 2..1000 (default {d.problems})")
     p.add_argument("-n", "--n", type=int, default=None, help=f"samples per problem (default {d.n})")
     p.add_argument("--dim", type=int, default=None, help=f"model width (default {d.dim})")
     p.add_argument("--n-layers", type=int, default=None, help=f"model depth (default {d.n_layers})")
@@ -583,8 +584,8 @@ def settings_from_args(a) -> Settings:
         parse_procedural(s.difficulty)
     except ValueError as e:
         raise SystemExit(f"error: --difficulty {s.difficulty!r}: {e}") from None
-    if not 1 <= s.problems <= 100:
-        raise SystemExit(f"error: --problems must be in 1..100 (the paper's regime uses at most 100), got {s.problems}")
+    if not 2 <= s.problems <= 1000:
+        raise SystemExit(f"error: --problems must be in 2..1000 (the guessing floor needs two), got {s.problems}")
     if s.n < 1 or not s.sizes or min(s.sizes) < 1:
         raise SystemExit("error: --n and every --sizes value must be >= 1")
     return s

@@ -12,11 +12,11 @@ from fastmath import train as T
 from fastmath.checkpoint import load_model, save_checkpoint
 from fastmath.config import get_preset
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import Tokenizer, train_tokenizer
 from fastmath.train import lora as L
 
-OPTS = {"procedural_examples": 300, "val_examples": 16, "eval_problems": 0, "micro_batch_tokens": 1024,
+OPTS = {"procedural": SMALL_SPEC, "procedural_examples": 300, "val_examples": 16, "eval_problems": 0, "micro_batch_tokens": 1024,
         "batch_tokens": 1024, "threads": 1, "progress": False, "lr": 1e-2, "warmup": 0.0}
 
 
@@ -25,7 +25,7 @@ def base(tmp_path_factory):
     """A tiny random LLaMA checkpoint with its tokenizer (the model LoRA adapts)."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("lora")
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     tok_path = d / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok_path, 400)
     tok = Tokenizer(tok_path)
