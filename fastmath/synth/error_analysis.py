@@ -26,16 +26,17 @@ CLASSES = ("calculation", "reasoning", "no_answer")
 REASONING_KINDS = ("steps", "operation", "operand", "other")
 _SYMBOL = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 # `a op b = c` with integers (a wrong chain may go negative: "3 - 5 = -2", then "-2 + 4 = 2").
-_EQUATION = re.compile(r"(?<![\d.])(-?\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)(?![\d.]*\d)")
+_EQUATION = re.compile(r"(?<![\d.])(-?\d+)[ \t]*([-+*/])[ \t]*(\d+)[ \t]*=[ \t]*(-?\d+)(?![\d.]*\d)")
 _ANSWER_LINE = re.compile(r"the (?:final )?answer is", re.IGNORECASE)
 
 
 def equations(text: str) -> list[tuple[int, str, int, int]]:
-    """The equations `a op b = c` written before the final-answer phrase, as (a, op, b, c), op in add/sub/mul/div."""
+    """The equations `a op b = c` (each on one line) on the lines before the line of the last "The answer is",
+    as (a, op, b, c), op in add/sub/mul/div."""
     m = None
     for m in _ANSWER_LINE.finditer(text):
         pass
-    body = text[:m.start()] if m else text
+    body = text[:text.rfind("\n", 0, m.start()) + 1] if m else text
     return [(int(a), _SYMBOL[op], int(b), int(c)) for a, op, b, c in _EQUATION.findall(body)]
 
 
