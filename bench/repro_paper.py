@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The difficulty used by the scaling runs, chosen with --calibrate from the smallest run alone (the trials
 # are listed in bench/results/repro_paper.json under "difficulty_trials").
 DIFFICULTY = ("min_steps=1 max_steps=3 max_operand=20 max_start=999 max_factor=3 max_value=999 ops=add,sub,mul "
-              "test_fraction=0.1 style=terse")
+              "test_fraction=0.1 style=terse carry=true")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Settings:
 
 
 # --quick: the same pipeline at about a fifth of the cost.
-QUICK = dict(pretrain_examples=6000, sizes=(400, 1200, 3600), problems=100, n=64)
+QUICK = dict(pretrain_examples=6000, sizes=(1000, 3000), problems=100, n=64)
 
 
 def digest(obj) -> str:

@@ -156,3 +156,13 @@ def test_verbose_solutions_and_summary():
     assert (s["total"], s["wrong"]) == (40, 20)
     assert {k: s[k] for k in want} == want and s["unclassified"] == 0
     assert got["greedy"]["total"] == 10 and got["greedy"]["calculation"] == 10
+
+
+def test_equations_end_at_the_last_answer_line():
+    # equations count up to the line of the last "The answer is"; one equation per line (no newline inside)
+    text = "has 31\ngives 2: 31 - 3 + 1 = 46 answer is: 210\n12\n+ 3 = 15\nThe answer is: 46\n7 + 1 = 9"
+    assert E.equations(text) == [(3, "add", 1, 46)]
+    assert E.classify(text, 31, [("sub", 2)], 29) == ("calculation", None)
+    # a negative intermediate written by a confused model is still checked exactly
+    assert E.equations("has 3\ngives 5: 3 - 5 = -2\nbuys 4: -2 + 4 = 2\nThe answer is: 2") == \
+        [(3, "sub", 5, -2), (-2, "add", 4, 2)]

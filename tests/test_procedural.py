@@ -129,3 +129,24 @@ def test_max_start_and_full_specs():
     for c in (DEFAULT_CONFIG, SMALL_CONFIG, cfg):
         assert parse_procedural(spec_of(c)) == c
     assert parse_procedural(SMALL_SPEC) == SMALL_CONFIG
+
+
+def test_no_carry_steps_stay_in_the_units_digit():
+    cfg = ProceduralConfig(min_steps=1, max_steps=4, max_operand=9, max_start=999, max_value=999, carry=False,
+                           ops=("add", "sub", "mul"))
+    seen = set()
+    for r in generate(500, cfg, seed=6):
+        v = r["start"]
+        for op, x in r["ops"]:
+            if op == "add":
+                assert v % 10 + x <= 9 and (v + x) // 10 == v // 10
+            elif op == "sub":
+                assert x <= v % 10 and (v - x) // 10 == v // 10
+            v = {"add": v + x, "sub": v - x, "mul": v * x}[op]
+            seen.add(op)
+        assert str(v) == r["answer"]
+    assert seen == {"add", "sub", "mul"}
+    assert DEFAULT_CONFIG.carry is False and ProceduralConfig().carry is True
+    assert parse_procedural("carry=false").carry is False and parse_procedural("carry=1").carry is True
+    with pytest.raises(ValueError, match="carry"):
+        parse_procedural("carry=maybe")
