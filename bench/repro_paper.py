@@ -63,7 +63,7 @@ class Settings:
     pretrain_epochs: float = 1.0
     pretrain_lr: float = 1e-3
     # SFT: nested subsets (the first k examples of one stream), same epochs and lr for every size.
-    sizes: tuple = (1000, 3000, 9000)
+    sizes: tuple = (3000, 9000)  # 1,000 was tried first: Pass@256 55% missed the regime (difficulty_trials)
     sft_epochs: float = 3.0  # the paper's 3 epochs
     sft_lr: float = 3e-4
     template: str = "plain"  # "Question: ...\nAnswer:"; the paper's Vicuna prompt would double the tokens per example
@@ -457,9 +457,11 @@ def scaling(s: Settings, work: Path, results: Path, quick: bool, workers: int = 
         f"final loss {bsum['final_loss']:.4f}")
     runs = run_sizes(s, base_run / "final", heldout, work, workers)
     trials = read_jsonl(trials_path(work)) if trials_path(work).is_file() else []
-    others = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(s).items() if k != "difficulty"}))
+    def others(d):  # the settings a trial shares with the runs (the list of sizes aside)
+        return json.loads(json.dumps({k: v for k, v in d.items() if k not in ("difficulty", "sizes")}))
+
     for t in trials:  # every trial is kept; the ones made with this run's other settings are marked
-        t["same_settings_as_runs"] = t["settings"] == others
+        t["same_settings_as_runs"] = others(t["settings"]) == others(dataclasses.asdict(s))
     out = {
         "benchmark": "repro_paper", "mode": "quick" if quick else "full", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "hardware": hw, "versions": versions(),
@@ -567,6 +569,17 @@ def plot_scaling(out: dict, path: Path) -> None:
                               (lambda r: r["greedy_accuracy"], "greedy (first answer)", "s-"),
                               (lambda r: r["pass_ratio"], f"PassRatio@{n}", "D-")]:
         ax.plot(x, [100 * key(r) for r in runs], style, label=label)
+    # calibration trials with these settings at sizes outside the runs: hollow markers, same colours
+    sizes = {r["sft_examples"] for r in runs}
+    trials = [t for t in out.get("difficulty_trials", []) if t.get("same_settings_as_runs")
+              and t["difficulty"] == out["settings"]["difficulty"] and t["size"] not in sizes]
+    for t in trials:
+        for i, (key, style) in enumerate([(f"pass_at_{n}", "o"), ("majority_accuracy", "^"), ("greedy_accuracy", "s"),
+                                          ("pass_ratio", "D")]):
+            ax.plot([t["size"]], [100 * t[key]], style, mfc="none", color=f"C{i}")
+    if trials:
+        ax.plot([], [], "o", mfc="none", color="grey", label="calibration trial (not a run)")
+        x = sorted(x + [t["size"] for t in trials])
     chance = out["guessing_floor"][f"pass_at_{n}"]
     ax.axhline(100 * chance, color="grey", ls=":", label=f"Pass@{n} by guessing (floor)")
     ax.set_xscale("log")
