@@ -158,7 +158,9 @@ def test_sample_accepts_an_adapter_directory(tmp_path, base):
 
     s = lora_run(base, tmp_path / "runs", merge=True, max_steps=2)
     run = Path(s["run_dir"])
-    args = ["--n", "2", "--problems", "2", "--max-new-tokens", "10", "--greedy", "--template", "plain"]
+    data = tmp_path / "problems.jsonl"  # pinned: merged/ has no run config to name the procedural difficulty
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate(2, SMALL_CONFIG, split="test", seed=0)))
+    args = ["--n", "2", "--data", str(data), "--max-new-tokens", "10", "--greedy", "--template", "plain"]
     outs = {}
     for name, extra in (("adapter", ["--model", str(run / "final")]), ("merged", ["--model", str(run / "merged")]),
                         ("based", ["--model", str(run / "final"), "--base", str(base)])):
