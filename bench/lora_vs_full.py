@@ -33,11 +33,12 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_cpu.json"), help="result JSON")
     a = ap.parse_args(argv)
 
+    from fastmath.synth.procedural import SMALL_SPEC  # the single-digit problems its recorded results used
     from fastmath.train import TrainConfig, train
 
     load0 = os.getloadavg()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="fastmath-lora-bench-"))
-    common = {"threads": a.threads, "progress": False, "eval_problems": a.eval_problems, "seed": 0}
+    common = {"procedural": SMALL_SPEC, "threads": a.threads, "progress": False, "eval_problems": a.eval_problems, "seed": 0}
 
     def done(name, steps):  # a finished run of the same length in the work directory
         f = work / name / "latest" / "summary.json"

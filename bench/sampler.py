@@ -42,7 +42,7 @@ from fastmath.config import ModelArgs, get_preset
 from fastmath.data import encode_prompt
 from fastmath.model import Transformer, num_params
 from fastmath.sampler import Sampler, SamplingParams
-from fastmath.synth.procedural import heldout_set
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, heldout_set
 from fastmath.tokenizer import Tokenizer
 
 M50 = dict(dim=640, n_layers=10, n_heads=10, multiple_of=64)  # ~50M parameters with a 512-token vocabulary
@@ -64,7 +64,7 @@ def train_models(work: Path, steps: int, steps_50m: int, which: list[str]) -> di
     """Brief trainer runs: `tiny` from scratch, then a ~50M model (random init with tiny's tokenizer)."""
     from fastmath.train import TrainConfig, train
 
-    common = dict(procedural_examples=6000, val_examples=20, eval_problems=0, batch_tokens=8192,
+    common = dict(procedural=SMALL_SPEC, procedural_examples=6000, val_examples=20, eval_problems=0, batch_tokens=8192,
                   micro_batch_tokens=4096, save_minutes=0, progress=False, device="cpu", lr=2e-3, warmup=0.05)
     t0 = time.time()
     s = train(TrainConfig(model="tiny", max_steps=steps, out=str(work / "runs_tiny"), **common), log=lambda *a: None)
@@ -136,7 +136,7 @@ def run_cpu(a, save) -> dict:
         tok = Tokenizer(ckpt)
         cfg = json.loads((ckpt.parent / "config.json").read_text()).get("config", {}) if (ckpt.parent / "config.json").is_file() else {}
         template = cfg.get("template", "vicuna")
-        prompts = [encode_prompt(tok, r["question"], template) for r in heldout_set(a.problems)]
+        prompts = [encode_prompt(tok, r["question"], template) for r in heldout_set(a.problems, SMALL_CONFIG)]
         toks_a, fm = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[0])
         toks_b, fm_b = bench_fastmath(model, tok, prompts, params, max_slots=a.slots[1])
         same = sum(x == y for ra, rb in zip(toks_a, toks_b) for x, y in zip(ra, rb)) / fm["samples"]
@@ -193,7 +193,7 @@ def run_engine(a) -> dict:
         model = load_model(ckpt, device="cpu", dtype=torch.float32)
         tok = Tokenizer(ckpt)
         cfg = json.loads((ckpt.parent / "config.json").read_text()).get("config", {}) if (ckpt.parent / "config.json").is_file() else {}
-        prompts = [encode_prompt(tok, r["question"], cfg.get("template", "vicuna")) for r in heldout_set(a.problems)]
+        prompts = [encode_prompt(tok, r["question"], cfg.get("template", "vicuna")) for r in heldout_set(a.problems, SMALL_CONFIG)]
         tps = {"base": [], "engine": []}
         toks = {}
         for _ in range(a.reps):  # interleaved, so that load changes hit both alike

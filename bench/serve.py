@@ -49,12 +49,13 @@ def env_info(threads: int) -> dict:
 
 def train_tiny(work: Path, steps: int) -> Path:
     """The demo model: `tiny` trained briefly on procedural problems (answers stop at varied lengths)."""
+    from fastmath.synth.procedural import SMALL_SPEC
     from fastmath.train import TrainConfig, train
 
     t0 = time.time()
     # small batches at a high rate: a couple of CPU minutes, enough to learn the answer format and to stop at
     # varied lengths (which is what makes continuous batching matter)
-    s = train(TrainConfig(model="tiny", max_steps=steps, out=str(work / "runs_tiny"), procedural_examples=6000,
+    s = train(TrainConfig(model="tiny", max_steps=steps, out=str(work / "runs_tiny"), procedural=SMALL_SPEC, procedural_examples=6000,
                           val_examples=20, eval_problems=0, batch_tokens=4096, micro_batch_tokens=4096,
                           save_minutes=0, progress=False, device="cpu", lr=3e-3, warmup=0.05), log=lambda *a: None)
     print(f"trained tiny for {steps} steps in {time.time() - t0:.0f}s (val loss {s.get('val_loss', float('nan')):.3f})",
@@ -65,12 +66,12 @@ def train_tiny(work: Path, steps: int) -> Path:
 def workload(ckpt: Path, a) -> tuple[list[list[int]], str]:
     from fastmath.data import encode_prompt
     from fastmath.sample_io import run_config
-    from fastmath.synth.procedural import heldout_set
+    from fastmath.synth.procedural import SMALL_CONFIG, heldout_set
     from fastmath.tokenizer import Tokenizer
 
     template = run_config(ckpt.parent).get("template") or "vicuna"
     tok = Tokenizer(ckpt)
-    problems = heldout_set(a.clients * a.requests)
+    problems = heldout_set(a.clients * a.requests, SMALL_CONFIG)
     return [encode_prompt(tok, p["question"], template) for p in problems], template
 
 

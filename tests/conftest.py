@@ -28,9 +28,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def procedural_tok(tmp_path_factory):
     """A 400-piece SentencePiece tokenizer trained on 300 procedural problems (question + solution)."""
-    from fastmath.synth.procedural import generate
+    from fastmath.synth.procedural import SMALL_CONFIG, generate
     from fastmath.tokenizer import train_tokenizer
 
-    recs = generate(300)
+    recs = generate(300, SMALL_CONFIG)
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     return train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], path, vocab_size=400)

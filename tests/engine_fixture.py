@@ -24,10 +24,10 @@ def build(root: Path):
     from fastmath.checkpoint import save_checkpoint
     from fastmath.config import get_preset
     from fastmath.model import Transformer
-    from fastmath.synth.procedural import generate
+    from fastmath.synth.procedural import SMALL_CONFIG, generate
     from fastmath.tokenizer import train_tokenizer
 
-    recs = generate(300)
+    recs = generate(300, SMALL_CONFIG)
     tok = train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], root / "tok.model", vocab_size=400)
     torch.manual_seed(0)
     model = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size))
@@ -41,15 +41,21 @@ def produce(root: Path) -> dict:
     """Run `fastmath sample`'s Python API (evaluate) and Sampler.run (token ids); return the fixture dict."""
     from fastmath.data import encode_prompt
     from fastmath.sampler import Sampler, SamplingParams, evaluate
-    from fastmath.synth.procedural import heldout_set
+    from fastmath.synth.procedural import SMALL_CONFIG, heldout_set
 
     ckpt, tok, model = build(root)
-    evaluate(model=str(ckpt), out=str(root / "eval"), device="cpu", progress=False, log=lambda *a: None, **EVAL_ARGS)
+    # The problems of the built-in held-out set the fixture was written with (SMALL_CONFIG, the default then),
+    # pinned in a file so that a new procedural default does not change them.
+    data = root / "heldout.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("question", "solution", "answer")}) + "\n"
+                            for r in heldout_set(EVAL_ARGS["problems"], SMALL_CONFIG)))
+    evaluate(model=str(ckpt), data=str(data), out=str(root / "eval"), device="cpu", progress=False,
+             log=lambda *a: None, **EVAL_ARGS)
     recs = [json.loads(x) for x in (root / "eval" / "samples.jsonl").read_text().splitlines()]
     keep = ("index", "completions", "token_counts", "greedy_completion", "greedy_token_count", "finish_reasons")
     samples = [{k: r.get(k) for k in keep} for r in sorted(recs, key=lambda r: r["index"])]
     # token ids through Sampler.run: another prompt set, no answer stop, top-k, 3 slots
-    prompts = [encode_prompt(tok, r["question"], "plain") for r in heldout_set(4)]
+    prompts = [encode_prompt(tok, r["question"], "plain") for r in heldout_set(4, SMALL_CONFIG)]
     params = SamplingParams(n=5, temperature=0.8, top_k=20, max_new_tokens=16, seed=7, greedy=True,
                             stop_at_answer=False, stop_strings=("=",))
     res = sorted(Sampler(model, tok, max_slots=3).run(prompts, params), key=lambda r: r.index)

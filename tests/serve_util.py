@@ -17,7 +17,7 @@ import torch
 from fastmath.checkpoint import save_checkpoint
 from fastmath.config import get_preset
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, generate
 from fastmath.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_checkpoint(root: Path, max_seq_len: int = 1024) -> Path:
     """The `test` preset with random weights (std 0.2: clear greedy margins) and a 400-token tokenizer."""
-    recs = generate(300)
+    recs = generate(300, SMALL_CONFIG)
     tok = train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], root / "tok.model", vocab_size=400)
     torch.manual_seed(0)
     model = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size, max_seq_len=max_seq_len))

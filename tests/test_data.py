@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastmath import data as D
-from fastmath.synth.procedural import ProceduralConfig, generate
+from fastmath.synth.procedural import SMALL_CONFIG, ProceduralConfig, generate
 from fastmath.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -77,7 +77,7 @@ def test_bad_files_name_file_and_line(tmp_path):
 
 
 def test_tokenization_boundaries_and_cache(tok, tmp_path, monkeypatch):
-    recs = generate(40, seed=1) + [{"text": "Ava has 3 apples."}]
+    recs = generate(40, SMALL_CONFIG, seed=1) + [{"text": "Ava has 3 apples."}]
     path = write_jsonl(tmp_path / "p.jsonl", recs)
     calls = []
     real = D.tokenize_examples
@@ -115,7 +115,7 @@ def brute_force_pack(docs, doc_ids):
 
 
 def test_packed_batch_matches_brute_force(tok):
-    exs = [D.record_to_example(r) for r in generate(30, seed=2)] + [D.Example(None, "Mia has 4 cards.")]
+    exs = [D.record_to_example(r) for r in generate(30, SMALL_CONFIG, seed=2)] + [D.Example(None, "Mia has 4 cards.")]
     docs = D.tokenize_examples(exs, tok)
     labels = D.flat_labels(docs)
     for i in range(len(docs)):
@@ -153,7 +153,7 @@ def test_best_fit_decreasing_invariants():
 
 
 def test_over_length_and_mixing(tok):
-    exs = [D.record_to_example(r) for r in generate(20, seed=3)]
+    exs = [D.record_to_example(r) for r in generate(20, SMALL_CONFIG, seed=3)]
     docs = D.tokenize_examples(exs, tok)
     cut = int(np.median(docs.lengths))
     n_over = int((docs.lengths > cut).sum())

@@ -18,7 +18,7 @@ from fastmath import data as D
 from fastmath import fsio
 from fastmath import train as T
 from fastmath.cli import main
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +26,7 @@ from synth_server import FakeOpenAI  # noqa: E402
 from test_synth_server import KEY, read_jsonl, write_seeds  # noqa: E402
 
 STEPS = 4
-CFG = {"model": "test", "procedural_examples": 400, "val_examples": 8, "eval_problems": 0,
+CFG = {"model": "test", "procedural": SMALL_SPEC, "procedural_examples": 400, "val_examples": 8, "eval_problems": 0,
        "micro_batch_tokens": 1024, "batch_tokens": 2048, "max_steps": STEPS, "save_every": 2, "save_minutes": 0}
 
 
@@ -72,7 +72,7 @@ def same_weights(a: Path, b: Path) -> None:
 def ref(tmp_path_factory):
     """An uninterrupted run, and the path of every write call it made."""
     root = tmp_path_factory.mktemp("diskfull")
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     tok = root / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok, 400)
     cfg = {**CFG, "tokenizer": str(tok)}
@@ -320,7 +320,7 @@ def test_failed_cache_write_falls_back_to_no_cache(ref, tmp_path, capsys):
 
     tok = Tokenizer(root / "tok.model")
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in generate(30, seed=2)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate(30, SMALL_CONFIG, seed=2)))
     want, _ = D.load_tokenized(data, tok, cache_dir="", progress=False)
     cache = tmp_path / "cache"
     for fault in ({"after_bytes": 2000}, {"at_call": 1, "err": errno.EIO}):

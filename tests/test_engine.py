@@ -11,7 +11,7 @@ from fastmath.data import encode_prompt
 from fastmath.engine import Engine, EngineError, SamplingParams
 from fastmath.engine.scheduler import Scheduler
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, generate
 from test_sampler import ScriptModel
 
 
@@ -40,7 +40,7 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def prompts(tok):
-    return [encode_prompt(tok, r["question"], "plain") for r in generate(5, split="test")]
+    return [encode_prompt(tok, r["question"], "plain") for r in generate(5, SMALL_CONFIG, split="test")]
 
 
 # the requests of the invariance test: each with its own settings

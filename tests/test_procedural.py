@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from fastmath.synth.procedural import DEFAULT_CONFIG, ProceduralConfig, config_from_dict, generate, heldout_set
+from fastmath.synth.procedural import (DEFAULT_CONFIG, SMALL_CONFIG, SMALL_SPEC, ProceduralConfig, config_from_dict, generate,
+                                       heldout_set, parse_procedural, spec_of)
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 PY_OP = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -98,3 +99,54 @@ def test_module_cli_writes_jsonl(tmp_path):
                     "--out", str(out)], check=True)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert recs == generate(5, dataclasses.replace(DEFAULT_CONFIG, max_steps=3))
+
+
+def test_default_answers_cannot_be_guessed():
+    """The demo's held-out answers spread so widely that drawing 256 guesses from the other problems' answers
+    passes at most a quarter of them (recomputed here from the answer counts, not with fastmath.metrics)."""
+    from collections import Counter
+
+    for n in (100, 200):
+        answers = [r["answer"] for r in heldout_set(n)]
+        counts = Counter(answers)
+        floor = sum(1 - (1 - (counts[a] - 1) / (n - 1)) ** 256 for a in answers) / n
+        assert floor <= 0.25, (n, floor)
+    # the pinned small problems are all guessable: their answers are 0..9
+    small = [r["answer"] for r in heldout_set(100, SMALL_CONFIG)]
+    assert set(small) <= {str(v) for v in range(10)}
+
+
+def test_max_start_and_full_specs():
+    cfg = ProceduralConfig(max_operand=5, max_start=300, max_value=400)
+    recs = generate(300, cfg, seed=4)
+    assert max(r["start"] for r in recs) > 100 and all(1 <= r["start"] <= 300 for r in recs)
+    assert all(x <= 5 for r in recs for op, x in r["ops"] if op in ("add", "sub"))
+    # max_start=0: the start is drawn from 1..max_operand as before the option (that the streams are the same
+    # draws is shown by tests/test_sample_fixture.py, whose fixture predates it)
+    assert all(r["start"] <= 9 for r in generate(50, SMALL_CONFIG))
+    with pytest.raises(ValueError, match="max_start"):
+        ProceduralConfig(max_start=200, max_value=100)
+    for c in (DEFAULT_CONFIG, SMALL_CONFIG, cfg):
+        assert parse_procedural(spec_of(c)) == c
+    assert parse_procedural(SMALL_SPEC) == SMALL_CONFIG
+
+
+def test_no_carry_steps_stay_in_the_units_digit():
+    cfg = ProceduralConfig(min_steps=1, max_steps=4, max_operand=9, max_start=999, max_value=999, carry=False,
+                           ops=("add", "sub", "mul"))
+    seen = set()
+    for r in generate(500, cfg, seed=6):
+        v = r["start"]
+        for op, x in r["ops"]:
+            if op == "add":
+                assert v % 10 + x <= 9 and (v + x) // 10 == v // 10
+            elif op == "sub":
+                assert x <= v % 10 and (v - x) // 10 == v // 10
+            v = {"add": v + x, "sub": v - x, "mul": v * x}[op]
+            seen.add(op)
+        assert str(v) == r["answer"]
+    assert seen == {"add", "sub", "mul"}
+    assert DEFAULT_CONFIG.carry is False and ProceduralConfig().carry is True
+    assert parse_procedural("carry=false").carry is False and parse_procedural("carry=1").carry is True
+    with pytest.raises(ValueError, match="carry"):
+        parse_procedural("carry=maybe")

@@ -1,12 +1,15 @@
 """bench/repro_paper.py end to end in quick mode on tiny sizes; every metric in its results is recomputed here
 from the written samples files (fastmath.grading verdicts, exact binomial Pass@k, majority vote, a grid-search
-fit of p), independently of the script's own aggregation."""
+fit of p, the guessing floor from the answer counts, the error classes by re-doing each written step's
+arithmetic), independently of the script's own aggregation."""
 import importlib.util
 import json
 import math
 import random
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -68,8 +71,9 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("repro")
     results = tmp / "results"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--work-dir", str(tmp / "work"), "--results", str(results),
-           # Tiny sizes and an easy difficulty, so that a 2-layer model answers some problems within a minute.
-           "--difficulty", "min_steps=1 max_steps=2 max_operand=9 max_value=30 ops=add",
+           # Tiny sizes and an easy difficulty, so that a 2-layer model answers some problems within a minute
+           # (start values up to 20, so that the answers are not all alike).
+           "--difficulty", "min_steps=1 max_steps=2 max_operand=9 max_start=20 max_value=40 ops=add style=terse",
            "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--pretrain-examples", "1500",
            "--pretrain-epochs", "2", "--batch-tokens", "1024", "--sizes", "60,120", "--sft-lr", "1e-3",
            "--problems", "12", "-n", "12", "--max-new-tokens", "48"]
@@ -82,11 +86,12 @@ def test_quick_run_writes_results_and_figures(quick_run):
     out, results = quick_run
     assert out["mode"] == "quick"
     assert [r["sft_examples"] for r in out["runs"]] == [60, 120]
-    for name in ("repro_paper_scaling.png", "repro_paper_steps.png"):
+    for name in ("repro_paper_scaling.png", "repro_paper_steps.png", "repro_paper_errors.png"):
         data = (results / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     table = (results / "repro_paper.md").read_text()
-    assert table.count("\n60 |") == 1 and table.count("\n120 |") == 1
+    assert table.count("\n60 |") == 2 and table.count("\n120 |") == 2  # the scaling table and the error table
+    assert "guessing (floor)" in table
     assert out["base_model"]["cached"] is False and out["base_model"]["train"]["steps"] > 0
 
 
@@ -142,3 +147,80 @@ def test_every_metric_recomputed_from_samples(quick_run):
             assert v["accuracy"] == pytest.approx(v["correct"] / v["problems"])
         assert run["single_step_accuracy"] == pytest.approx(_grid_fit(by_steps), abs=2e-5)
     assert any_correct > 0, "the tiny models answered nothing: the recomputation above checked only zeros"
+
+
+def _heldout(out):
+    return {r["id"]: r for r in (json.loads(x) for x in _path(out["heldout_file"]).read_text().splitlines())}
+
+
+def test_guessing_floor_and_targets_recomputed(quick_run):
+    out, _ = quick_run
+    n = out["settings"]["n"]
+    answers = [r["answer"] for r in _heldout(out).values()]
+    m, counts = len(answers), Counter(answers)
+    for k in (1, n):  # leave-one-out: k draws from the other problems' answers
+        want = sum(1 - (1 - (counts[a] - 1) / (m - 1)) ** k for a in answers) / m
+        assert out["guessing_floor"][f"pass_at_{k}"] == pytest.approx(want, abs=1e-12)
+    assert out["guessing_floor"]["distinct_answers"] == len(counts)
+    for run in out["runs"]:  # the floor each summary.json carries is the same one
+        assert run["guessing_baseline"]["pass_at_k"][str(n)] == pytest.approx(out["guessing_floor"][f"pass_at_{n}"])
+    first, runs = out["runs"][0], out["runs"]
+    t = out["targets"]
+    assert t["guessing_floor_at_most_25pct"] == (out["guessing_floor"][f"pass_at_{n}"] <= 0.25)
+    assert t[f"smallest_pass_at_{n}_at_least_60pct"] == (first["pass_at_k"][str(n)] >= 0.6)
+    assert t["smallest_pass_ratio_at_most_a_third_of_pass"] == (3 * first["pass_ratio"] <= first["pass_at_k"][str(n)])
+    for key in ("pass_ratio", "majority_accuracy", "greedy_accuracy"):
+        v = [r[key] for r in runs]
+        assert t[f"{key}_rises_with_data"] == (all(b >= a for a, b in zip(v, v[1:])) and v[-1] > v[0])
+
+
+def _reference_class(text, answer):
+    """Independent classifier: the grader's final answer, then each `a op b = c` on the lines before the last
+    "The answer is" line, found by a token window (not a regex), checked with exact integer arithmetic."""
+    final = grading.extract_answer(text)
+    if final is None or not re.fullmatch(r"-?\d+", final.strip()):
+        return "no_answer"
+    final = int(final)
+    assert final != int(answer)
+    lines = text.split("\n")
+    last = max([i for i, line in enumerate(lines) if re.search("the (final )?answer is", line, re.I)], default=len(lines))
+    steps = []
+    for line in lines[:last]:
+        tok = line.replace(":", " ").split()
+        for i in range(len(tok) - 4):
+            a, op, b, eq, c = tok[i:i + 5]
+            c = c.rstrip(".")
+            if op in "+-*/" and eq == "=" and all(re.fullmatch(r"-?\d+", x) for x in (a, b, c)):
+                steps.append((int(a), op, int(b), int(c)))
+    exact = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+             "/": lambda a, b: a // b if b and a % b == 0 else None}
+    if any(exact[op](a, b) != c for a, op, b, c in steps) or (steps and steps[-1][3] != final):
+        return "calculation"
+    return "reasoning"
+
+
+def test_error_classes_recomputed_from_samples(quick_run):
+    out, _ = quick_run
+    heldout = _heldout(out)
+    total_wrong = 0
+    for run in out["runs"]:
+        want = {"samples": Counter(), "greedy": Counter()}
+        n_all = {"samples": 0, "greedy": 0}
+        for line in _path(run["samples_file"]).read_text().splitlines():
+            rec = json.loads(line)
+            h = heldout[rec["id"]]
+            pairs = [("samples", t, ok) for t, ok in zip(rec["completions"], rec["verdicts"])]
+            pairs.append(("greedy", rec["greedy_completion"], rec["greedy_correct"]))
+            for which, text, ok in pairs:
+                n_all[which] += 1
+                if not ok:
+                    want[which][_reference_class(text, h["answer"])] += 1
+        for which in ("samples", "greedy"):
+            got = run["errors"][which]
+            assert got["total"] == n_all[which] and got["unclassified"] == 0
+            assert got["wrong"] == sum(want[which].values())
+            assert {c: got[c] for c in ("calculation", "reasoning", "no_answer")} == \
+                   {c: want[which][c] for c in ("calculation", "reasoning", "no_answer")}
+            assert sum(got["reasoning_kinds"].values()) == got["reasoning"]
+        total_wrong += run["errors"]["samples"]["wrong"]
+    assert total_wrong > 0

@@ -13,7 +13,7 @@ from fastmath.model import Transformer
 from fastmath.sampler import (SAMPLING_BYTES_PER_LOGIT, SamplingParams, Sampler, SharedPrefixKVCache, gumbel_noise,
                               merge_attention, plan_memory, sample_keys, sample_tokens, shared_prefix_decode_attention,
                               step_keys)
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, generate
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tok(procedural_tok):
 
 @pytest.fixture(scope="module")
 def questions():
-    return [r["question"] for r in generate(6, split="test")]
+    return [r["question"] for r in generate(6, SMALL_CONFIG, split="test")]
 
 
 def make_model(vocab, std=0.2, seed=0, dtype=torch.float32):

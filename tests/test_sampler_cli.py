@@ -16,7 +16,7 @@ from fastmath.checkpoint import save_checkpoint
 from fastmath.cli import main
 from fastmath.config import get_preset
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
 ARGS = ["--n", "3", "--problems", "3", "--max-new-tokens", "12", "--greedy"]
@@ -26,14 +26,14 @@ ARGS = ["--n", "3", "--problems", "3", "--max-new-tokens", "12", "--greedy"]
 def runs(tmp_path_factory):
     """A fake training run: runs/<ts>/final (test preset, random weights) + config.json, runs/latest."""
     root = tmp_path_factory.mktemp("work")
-    recs = generate(300)
+    recs = generate(300, SMALL_CONFIG)
     tok = train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], root / "tok.model", vocab_size=400)
     torch.manual_seed(0)
     model = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size))
     model.init_weights(0.2)
     run = root / "runs" / "20240101-000000"
     save_checkpoint(model, run / "final", tokenizer_path=tok.path)
-    (run / "config.json").write_text(json.dumps({"config": {"template": "plain", "procedural": "", "seed": 0}}))
+    (run / "config.json").write_text(json.dumps({"config": {"template": "plain", "procedural": SMALL_SPEC, "seed": 0}}))
     (root / "runs" / "latest").symlink_to(run.name)
     return root
 
@@ -64,7 +64,7 @@ def test_defaults_outputs_resume_and_mismatch(runs, tmp_path):
     assert (out / "pass_at_k.png").stat().st_size > 1000
     assert "Pass@3" in res.output and "PassRatio@3" in res.output
     # the default data is the built-in held-out procedural set
-    held = generate(3, split="test", unique=True)
+    held = generate(3, SMALL_CONFIG, split="test", unique=True)
     assert [r["question"] for r in recs] == [h["question"] for h in held]
 
     # crash after one problem (plus half a line): the rerun redoes only the rest, identically
@@ -99,7 +99,7 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
 
 def test_data_file_checkpoint_dir_and_sharded_merge(runs, tmp_path):
     data = tmp_path / "gsm.jsonl"
-    probs = generate(5, split="test", seed=3)
+    probs = generate(5, SMALL_CONFIG, split="test", seed=3)
     data.write_text("".join(json.dumps({"question": p["question"], "answer": "x\n#### " + p["answer"]}) + "\n"
                             for p in probs))
     ckpt = runs / "runs" / "latest" / "final"

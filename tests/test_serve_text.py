@@ -8,7 +8,7 @@ import pytest
 from fastmath.data import render_prompt
 from fastmath.serve.protocol import APIError, ChatMessage, CompletionRequest, check_completion, prompt_list
 from fastmath.serve.text import IncrementalDetokenizer, encode_text, render_chat, stop_holdback
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, generate
 from fastmath.tokenizer import train_tokenizer
 
 TEXT = "Größe 12 € und 漢字 plus 7: The answer is: 19\nDone 🙂 ok"
@@ -16,7 +16,7 @@ TEXT = "Größe 12 € und 漢字 plus 7: The answer is: 19\nDone 🙂 ok"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    recs = generate(200)
+    recs = generate(200, SMALL_CONFIG)
     return train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs],
                            tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=400)
 

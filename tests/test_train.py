@@ -15,17 +15,17 @@ from fastmath.commands.train import command
 from fastmath.config import get_preset
 from fastmath.distributed import Dist
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
-SMALL = ["--model", "test", "--procedural-examples", "300", "--val-examples", "16", "--eval-problems", "8",
+SMALL = ["--model", "test", "--procedural", SMALL_SPEC, "--procedural-examples", "300", "--val-examples", "16", "--eval-problems", "8",
          "--eval-max-new-tokens", "24", "--micro-batch-tokens", "1024", "--batch-tokens", "2048",
          "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     texts = [D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs]
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     train_tokenizer(texts, path, vocab_size=400)
@@ -49,7 +49,7 @@ def test_gradient_is_global_token_mean(tok_path):
     from fastmath.tokenizer import Tokenizer
 
     tok = Tokenizer(tok_path)
-    docs = D.tokenize_examples([D.record_to_example(r) for r in generate(40, seed=1)], tok)
+    docs = D.tokenize_examples([D.record_to_example(r) for r in generate(40, SMALL_CONFIG, seed=1)], tok)
     stream = D.PackedStream(docs, budget=400, accum=4, seed=0)
     batches, n_total = stream.step(0)
     assert len({b.n_targets for b in batches}) > 1, "micro-batches must differ in target count for this test"
@@ -143,10 +143,10 @@ def test_bad_data_is_one_clear_sentence(tmp_path, tok_path):
 
 def test_file_data_with_mixing_and_truncation(tmp_path, tok_path):
     a = tmp_path / "a.jsonl"
-    a.write_text("".join(json.dumps(r) + "\n" for r in generate(60, seed=1)))
+    a.write_text("".join(json.dumps(r) + "\n" for r in generate(60, SMALL_CONFIG, seed=1)))
     b = tmp_path / "b.jsonl"  # GSM8K format
     b.write_text("".join(json.dumps({"question": r["question"], "answer": r["solution"].rsplit("\n", 1)[0]
-                                     + "\n#### " + r["answer"]}) + "\n" for r in generate(40, seed=2)))
+                                     + "\n#### " + r["answer"]}) + "\n" for r in generate(40, SMALL_CONFIG, seed=2)))
     res = run_cli(SMALL + ["--data", str(a), "--data", str(b), "--weights", "1", "--weights", "2", "--max-len", "150",
                            "--over-length", "truncate", "--tokenizer", str(tok_path), "--val-examples", "10",
                            "--dry-run", "--cache-dir", str(tmp_path / "cache")])
@@ -171,7 +171,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tok_path, monkeypatc
         return out
 
     monkeypatch.setattr(Transformer, "forward", forward)
-    cfg = T.TrainConfig(model="test", procedural_examples=200, val_examples=8, eval_problems=0,
+    cfg = T.TrainConfig(model="test", procedural=SMALL_SPEC, procedural_examples=200, val_examples=8, eval_problems=0,
                         micro_batch_tokens=1024, batch_tokens=2048, max_steps=5, save_every=1, threads=1,
                         progress=False, out=str(tmp_path / "runs"), tokenizer=str(tok_path))
     with pytest.raises(T.TrainingDiverged, match=r"loss became nan at step 2.*checkpoints/step_1"):

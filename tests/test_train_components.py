@@ -9,6 +9,7 @@ import torch
 from fastmath import runs
 from fastmath import train as T
 from fastmath.kernels import kernels_flag, kernels_mode, use_triton
+from fastmath.synth.procedural import SMALL_SPEC
 
 
 def test_kernels_mode_is_scoped_and_overrides_the_environment(monkeypatch):
@@ -35,7 +36,7 @@ def test_training_leaves_the_environment_alone(tmp_path, monkeypatch):
         return {"run_dir": "x"}
 
     monkeypatch.setattr(T.trainer.Trainer, "fit", fit)
-    T.train(T.TrainConfig(model="test", kernels="off", out=str(tmp_path), procedural_examples=200, val_examples=4,
+    T.train(T.TrainConfig(model="test", kernels="off", out=str(tmp_path), procedural=SMALL_SPEC, procedural_examples=200, val_examples=4,
                           eval_problems=0, max_steps=1, threads=1, progress=False, tokenizer_vocab=400))
     assert seen == ["0"] and "FASTMATH_KERNELS" not in os.environ
 
@@ -79,7 +80,7 @@ def test_engine_greedy_decode_matches_a_full_recompute_reference(tmp_path):
 
     from fastmath.config import get_preset
     from fastmath.model import Transformer
-    from fastmath.synth.procedural import generate
+    from fastmath.synth.procedural import SMALL_CONFIG, generate
     from fastmath.tokenizer import train_tokenizer
     from fastmath.train.evaluate import greedy_decode
 
@@ -87,7 +88,7 @@ def test_engine_greedy_decode_matches_a_full_recompute_reference(tmp_path):
     from engine_fixture import greedy_reference
 
     torch.set_num_threads(1)
-    recs = generate(200, seed=3)
+    recs = generate(200, SMALL_CONFIG, seed=3)
     tok = train_tokenizer([r["question"] + "\n" + r["solution"] for r in recs], tmp_path / "t.model", vocab_size=400)
     torch.manual_seed(0)
     model = Transformer(get_preset("test").replace(vocab_size=tok.vocab_size)).eval()

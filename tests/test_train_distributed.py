@@ -13,7 +13,7 @@ import torch
 from fastmath import data as D
 from fastmath import train as T
 from fastmath.checkpoint import load_model
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -34,10 +34,10 @@ def torchrun(args: list[str], cwd: Path) -> str:
 
 
 def test_two_processes_match_one(tmp_path):
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     tok = tmp_path / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok, 400)
-    opts = {"model": "test", "tokenizer": str(tok), "procedural_examples": 300, "val_examples": 8,
+    opts = {"model": "test", "tokenizer": str(tok), "procedural": SMALL_SPEC, "procedural_examples": 300, "val_examples": 8,
             "eval_problems": 4, "eval_max_new_tokens": 8, "micro_batch_tokens": 1024, "batch_tokens": 2048,
             "max_steps": STEPS, "save_every": 3, "keep": 5, "threads": 1, "progress": False}
     one = T.train(T.TrainConfig(out=str(tmp_path / "one"), **opts))  # 1 process: 2 micro-batches per step

@@ -8,17 +8,17 @@ import torch
 
 from fastmath import data as D
 from fastmath import train as T
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
-OPTS = {"model": "test", "procedural_examples": 300, "val_examples": 8, "eval_problems": 4, "eval_max_new_tokens": 8,
+OPTS = {"model": "test", "procedural": SMALL_SPEC, "procedural_examples": 300, "val_examples": 8, "eval_problems": 4, "eval_max_new_tokens": 8,
         "micro_batch_tokens": 1024, "batch_tokens": 1024, "max_steps": 3, "eval_every": 2, "threads": 1,
         "progress": False}
 
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], path, 400)
     return path

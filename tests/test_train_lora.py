@@ -12,11 +12,11 @@ from fastmath import train as T
 from fastmath.checkpoint import load_model, save_checkpoint
 from fastmath.config import get_preset
 from fastmath.model import Transformer
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import Tokenizer, train_tokenizer
 from fastmath.train import lora as L
 
-OPTS = {"procedural_examples": 300, "val_examples": 16, "eval_problems": 0, "micro_batch_tokens": 1024,
+OPTS = {"procedural": SMALL_SPEC, "procedural_examples": 300, "val_examples": 16, "eval_problems": 0, "micro_batch_tokens": 1024,
         "batch_tokens": 1024, "threads": 1, "progress": False, "lr": 1e-2, "warmup": 0.0}
 
 
@@ -25,7 +25,7 @@ def base(tmp_path_factory):
     """A tiny random LLaMA checkpoint with its tokenizer (the model LoRA adapts)."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("lora")
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     tok_path = d / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok_path, 400)
     tok = Tokenizer(tok_path)
@@ -158,7 +158,9 @@ def test_sample_accepts_an_adapter_directory(tmp_path, base):
 
     s = lora_run(base, tmp_path / "runs", merge=True, max_steps=2)
     run = Path(s["run_dir"])
-    args = ["--n", "2", "--problems", "2", "--max-new-tokens", "10", "--greedy", "--template", "plain"]
+    data = tmp_path / "problems.jsonl"  # pinned: merged/ has no run config to name the procedural difficulty
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate(2, SMALL_CONFIG, split="test", seed=0)))
+    args = ["--n", "2", "--data", str(data), "--max-new-tokens", "10", "--greedy", "--template", "plain"]
     outs = {}
     for name, extra in (("adapter", ["--model", str(run / "final")]), ("merged", ["--model", str(run / "merged")]),
                         ("based", ["--model", str(run / "final"), "--base", str(base)])):

@@ -13,7 +13,7 @@ import torch
 
 from fastmath import data as D
 from fastmath import train as T
-from fastmath.synth.procedural import generate
+from fastmath.synth.procedural import SMALL_CONFIG, SMALL_SPEC, generate
 from fastmath.tokenizer import train_tokenizer
 
 STEPS = 14
@@ -22,10 +22,10 @@ STEPS = 14
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    recs = generate(300, seed=9)
+    recs = generate(300, SMALL_CONFIG, seed=9)
     tok = root / "tok.model"
     train_tokenizer([D.render_prompt(r["question"]) for r in recs] + [r["solution"] for r in recs], tok, 400)
-    cfg = {"model": "test", "tokenizer": str(tok), "procedural_examples": 400, "val_examples": 8, "eval_problems": 0,
+    cfg = {"model": "test", "tokenizer": str(tok), "procedural": SMALL_SPEC, "procedural_examples": 400, "val_examples": 8, "eval_problems": 0,
            "micro_batch_tokens": 1024, "batch_tokens": 2048, "max_steps": STEPS, "threads": 1, "progress": False}
     ref = T.train(T.TrainConfig(out=str(root / "ref"), **cfg))
     return root, cfg, Path(ref["run_dir"])

@@ -167,10 +167,12 @@ def load_config_file(path: str | os.PathLike) -> dict:
 # Training
 
 
-# The embedded demo (no --data): the `tiny` preset from scratch on procedural problems, sized to finish in
-# under 5 minutes on 2 idle CPU cores (~6.5K tokens/s: 800 steps x 2048 tokens in ~260 s). Small batches and
-# a high peak lr: the budget buys ~1.6M tokens, so the number of updates matters more than gradient noise.
-# Measured on a quiet machine: held-out greedy accuracy 9% after 250 steps, 18% at 400, 22% at 600, 35% at 800.
+# The embedded demo (no --data): the `tiny` preset from scratch on procedural problems (DEFAULT_CONFIG: a start
+# value of 1-999, two add/subtract steps of 1-3 without carries, answers spread over ~1,000 values), sized to
+# finish in under 6 minutes on 2 idle CPU cores with sampling (~6.5K tokens/s: 800 steps x 2048 tokens in
+# ~250 s). Small batches and a high peak lr: the budget buys ~1.6M tokens, so the number of updates matters more
+# than gradient noise. Measured (one thread, shared cores): 76% held-out greedy accuracy after 800 steps (the
+# earlier single-digit default reached 95%; steps of 1-9 reached 39%, steps with carries 4%).
 DEMO = {"max_steps": 800, "micro_batch_tokens": 2048, "batch_tokens": 2048, "lr": 3e-3}
 
 
