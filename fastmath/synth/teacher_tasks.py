@@ -1,0 +1,94 @@
+"""Training data for a synthesis teacher: `fastmath synth`'s two calls, answered from the procedural generator.
+
+A teacher is a fastmath model that `fastmath serve` serves to the unchanged `fastmath synth` pipeline. It
+is trained on the pipeline's own prompts (`fastmath.synth.prompts`, GSM8K variant) with replies in the
+formats `fastmath.synth.parse` reads:
+
+* question call (rewriting): the prompt holds one seed question; the reply creates a NEW procedural
+  question (a freshly drawn skeleton of the same difficulty, with its own person and item), verifies it
+  with its step-by-step solution, and restates it:
+
+      CREATED QUESTION: <new question>
+      VERIFICATION AND MODIFICATION: <its solution, ending 'The answer is: N'>
+      FINAL CREATED QUESTION: <new question>
+
+* answer call (solving): the prompt holds a question; the reply is the generator's solution with the
+  two closing lines the prompt asks for:
+
+      <solution lines>
+      FINAL ANSWER: N
+      The answer is: N
+
+The prompts are rendered the way `fastmath serve` renders a chat request with one user message for a
+checkpoint trained with `template`: `fastmath.data.render_prompt(message, template)` (see
+`fastmath.serve.text.render_chat`). Answer-call examples are fastmath problem records (prompt masked, the
+reply is the target, exactly as SFT); question-call replies do not end with 'The answer is:', which the
+fastmath record format would append, so they are plain-text records holding the rendered prompt, one
+space and the reply: with the dummy-prefix SentencePiece tokenizers fastmath trains, that is token for
+token the prompt and reply encoded apart (the tests check it), only with the prompt tokens trained too.
+"""
+from __future__ import annotations
+
+import random
+
+from . import procedural as P
+from .prompts import answer_messages, question_messages
+
+STYLE = "gsm8k"  # procedural answers are single numbers: the pipeline's GSM8K variant (its `auto` choice)
+
+
+def question_reply(question: str, solution: str) -> str:
+    """The question call's reply for a created `question` verified by its `solution`."""
+    return (f"CREATED QUESTION: {question}\nVERIFICATION AND MODIFICATION: {solution.strip()}\n"
+            f"FINAL CREATED QUESTION: {question}")
+
+
+def answer_reply(solution: str, answer: str) -> str:
+    """The answer call's reply: the solution's steps, then 'FINAL ANSWER: N' and 'The answer is: N'."""
+    lines = solution.strip().split("\n")
+    if lines[-1].startswith("The answer is:"):
+        lines = lines[:-1]
+    return "\n".join(lines + [f"FINAL ANSWER: {answer}", f"The answer is: {answer}"])
+
+
+def question_prompt(seed_question: str) -> str:
+    """The user message of the question call (the text the pipeline sends)."""
+    return question_messages(seed_question, STYLE)[0]["content"]
+
+
+def answer_prompt(question: str) -> str:
+    """The user message of the answer call."""
+    return answer_messages(question, STYLE)[0]["content"]
+
+
+def question_record(seed_question: str, new: dict, template: str) -> dict:
+    """A plain-text training record: the rendered question-call prompt, a space, the reply for problem `new`."""
+    from ..data import render_prompt
+
+    return {"text": render_prompt(question_prompt(seed_question), template) + " "
+            + question_reply(new["question"], new["solution"])}
+
+
+def answer_record(problem: dict) -> dict:
+    """A fastmath problem record whose question is the answer-call prompt and whose solution is the reply."""
+    return {"question": answer_prompt(problem["question"]),
+            "solution": answer_reply(problem["solution"], problem["answer"]), "answer": str(problem["answer"])}
+
+
+def teacher_records(cfg: P.ProceduralConfig, n_question: int, n_answer: int, n_plain: int = 0, seed: int = 0,
+                    template: str = "plain") -> list[dict]:
+    """A shuffled training set for a teacher, from train-split problems only (streams apart from `seed`'s
+    pre-training and SFT streams: seeds 1000+seed...).
+
+    n_question: question-call examples (a seed question, then a new problem drawn independently of it).
+    n_answer: answer-call examples.
+    n_plain: plain `question + solution` texts (the generator's pre-training form), for arithmetic practice.
+    """
+    base = 1000 + 10 * seed
+    seeds = P.generate(n_question, cfg, "train", seed=base)
+    new = P.generate(n_question, cfg, "train", seed=base + 1)
+    recs = [question_record(s["question"], p, template) for s, p in zip(seeds, new)]
+    recs += [answer_record(p) for p in P.generate(n_answer, cfg, "train", seed=base + 2)]
+    recs += [{"text": r["text"]} for r in P.generate(n_plain, cfg, "train", seed=base + 3, plain=True)]
+    random.Random(base).shuffle(recs)
+    return recs
