@@ -191,9 +191,11 @@ def synth_command(t: Table1Settings, seeds: Path, out: Path, base_url: str, mode
             "--max-tokens", str(t.synth_max_tokens), "--no-progress"]
 
 
-def synthesize(s: R.Settings, t: Table1Settings, teacher_run: Path, work: Path, threads: int = 1) -> tuple[Path, dict, float]:
-    """(records file, synth report, seconds) of `fastmath synth` against the served teacher (cached/resumed)."""
-    d = work / f"synth-{R.digest(t.synth_key(s))}"
+def synthesize(s: R.Settings, t: Table1Settings, teacher_run: Path | None, work: Path, threads: int = 1,
+               teacher_url: str | None = None) -> tuple[Path, dict, float]:
+    """(records file, synth report, seconds) of `fastmath synth` against the served teacher, or against the
+    endpoint `teacher_url` (cached/resumed)."""
+    d = work / f"synth-{R.digest({**t.synth_key(s), 'url': teacher_url})}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "settings.json").write_text(json.dumps(t.synth_key(s), indent=2))
     out, report_path = d / "synth.jsonl", d / "synth.report.json"
@@ -206,12 +208,18 @@ def synthesize(s: R.Settings, t: Table1Settings, teacher_run: Path, work: Path, 
         R.write_jsonl(seeds, ({"id": f"seed-{i}", **r} for i, r in
                               enumerate(R.read_jsonl(R.sft_file(s, max(t.sizes), work)))))
     t0 = time.time()
-    with Served(teacher_run, d / "serve.log", threads) as srv:
-        cmd = synth_command(t, seeds, out, srv.base_url)
-        say(f"fastmath synth: {t.synth_target()} records from {seeds.name} against the teacher at {srv.base_url}")
+    def run_synth(base_url):
+        say(f"fastmath synth: {t.synth_target()} records from {seeds.name} against the teacher at {base_url}")
         env = {**os.environ, "OPENAI_API_KEY": "local", "OMP_NUM_THREADS": "1"}
         with open(d / "synth.log", "ab") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+            return subprocess.run(synth_command(t, seeds, out, base_url), stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, cwd=REPO).returncode
+
+    if teacher_url is not None:
+        rc = run_synth(teacher_url)
+    else:
+        with Served(teacher_run, d / "serve.log", threads) as srv:
+            rc = run_synth(srv.base_url)
     seconds = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"fastmath synth failed ({rc}); see {d / 'synth.log'}")
@@ -329,8 +337,31 @@ def _worker_init(threads: int) -> None:
 # The stage
 
 
-def table1(s: R.Settings, t: Table1Settings, work: Path, quick: bool = False, workers: int = 2) -> dict:
-    """Teacher, synthesis, decontamination, both arms at every size; returns the results' "table1" dict."""
+def _teacher_and_synth(s: R.Settings, t: Table1Settings, work: Path, threads: int, teacher_url: str | None,
+                       progress: bool) -> dict:
+    """Train and serve the teacher, run fastmath synth against it (or against `teacher_url`, a running endpoint)."""
+    info = {"run": None, "summary": {}, "cached": None, "seconds": 0.0}
+    if teacher_url is None:
+        t0 = time.time()
+        say(f"teacher: {t.teacher_question_tasks} question + {t.teacher_answer_tasks} answer tasks + "
+            f"{t.teacher_plain} plain texts, {t.teacher_dim}-dim x {t.teacher_layers} layers")
+        run, summary, cached = teacher_model(s, t, work, progress=progress)
+        info.update(run=run, summary=summary, cached=cached, seconds=time.time() - t0)
+        took = " (cached)" if cached else f", {info['seconds']:.0f} s"
+        say(f"teacher ready: final loss {summary['final_loss']:.4f}{took}")
+    synth_path, report, seconds = synthesize(s, t, info["run"], work, threads, teacher_url)
+    say(f"synthesis: {report['kept']} records kept of {report['items_started']} items "
+        f"({seconds:.0f} s this invocation), dropped {report['dropped']}")
+    return {**info, "synth_path": synth_path, "report": report}
+
+
+def table1(s: R.Settings, t: Table1Settings, work: Path, quick: bool = False, workers: int = 2,
+           teacher_url: str | None = None) -> dict:
+    """Teacher, synthesis, decontamination, both arms at every size; returns the results' "table1" dict.
+
+    teacher_url: an OpenAI-compatible endpoint to synthesize from instead of training and serving a teacher
+    (the tests give a scripted one); its synthesis is cached apart from the served teacher's.
+    """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -360,20 +391,15 @@ def table1(s: R.Settings, t: Table1Settings, work: Path, quick: bool = False, wo
             R.write_jsonl(real_files[size], real_clean[:size])
     ctx = mp.get_context("spawn")
     threads = torch.get_num_threads()
-    with ProcessPoolExecutor(max(1, workers - 1), mp_context=ctx, initializer=_worker_init,
-                             initargs=(threads,)) as ex:
-        real_job = ex.submit(_base_and_real, s, sizes, heldout, work, reuse, real_files)
-        t0 = time.time()
-        say(f"teacher: {t.teacher_question_tasks} question + {t.teacher_answer_tasks} answer tasks + "
-            f"{t.teacher_plain} plain texts, {t.teacher_dim}-dim x {t.teacher_layers} layers")
-        teacher_run, teacher_sum, teacher_cached = teacher_model(s, t, work, progress=workers <= 1)
-        teacher_seconds = time.time() - t0
-        say(f"teacher ready: final loss {teacher_sum['final_loss']:.4f}"
-            f"{' (cached)' if teacher_cached else f', {teacher_seconds:.0f} s'}")
-        synth_path, report, synth_seconds = synthesize(s, t, teacher_run, work, threads)
-        say(f"synthesis: {report['kept']} records kept of {report['items_started']} items "
-            f"({synth_seconds:.0f} s this invocation), dropped {report['dropped']}")
-        base_run, real_runs = real_job.result()
+    if workers <= 1:  # everything in this process, one stage after another
+        base_run, real_runs = _base_and_real(s, sizes, heldout, work, reuse, real_files)
+        teacher = _teacher_and_synth(s, t, work, threads, teacher_url, progress=True)
+    else:  # the base model and the real arm in a worker while this process trains the teacher and synthesizes
+        with ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as ex:
+            real_job = ex.submit(_base_and_real, s, sizes, heldout, work, reuse, real_files)
+            teacher = _teacher_and_synth(s, t, work, threads, teacher_url, progress=False)
+            base_run, real_runs = real_job.result()
+    synth_path, report = teacher["synth_path"], teacher["report"]
     synth_all = sorted(R.read_jsonl(synth_path), key=lambda r: r["item"])
     synth_clean, synth_removed = decontaminate(synth_all, heldout_keys)
     if len(synth_clean) < max(sizes):
@@ -401,10 +427,12 @@ def table1(s: R.Settings, t: Table1Settings, work: Path, quick: bool = False, wo
         "mode": "quick" if quick else "full", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": dataclasses.asdict(t), "student_settings": dataclasses.asdict(s),
         "heldout_file": R._rel(heldout), "heldout_problems": len(heldout_keys),
-        "teacher": {"run": R._rel(teacher_run), "cached": teacher_cached,
-                    "train": {k: teacher_sum.get(k) for k in ("steps", "epochs", "tokens_seen", "train_seconds",
-                                                              "tokens_per_s", "final_loss")},
-                    "params": json.loads((teacher_run / "final" / "config.json").read_text())},
+        "teacher": {"run": R._rel(teacher["run"]) if teacher["run"] else None, "url": teacher_url,
+                    "cached": teacher["cached"],
+                    "train": {k: teacher["summary"].get(k) for k in ("steps", "epochs", "tokens_seen", "train_seconds",
+                                                                     "tokens_per_s", "final_loss")},
+                    "params": json.loads((teacher["run"] / "final" / "config.json").read_text())
+                    if teacher["run"] else {}},
         "synth": {"records_file": R._rel(synth_path), "command": synth_command(t, Path("SEEDS"), Path("OUT"), "URL")[3:],
                   "seconds": synth_seconds_all, "report": {k: report.get(k) for k in (
                       "requested", "kept", "items_started", "dropped", "rejected_replies", "consistency", "usage",
@@ -434,10 +462,12 @@ def markdown_table(out: dict) -> str:
                      f"{r['pass_at_k'][str(n)]:.1%} | {r['majority_accuracy']:.1%} | `{r['samples_file']}`")
     te, nv, dc, sy = out["teacher_errors"], out["novelty"], out["decontamination"], out["synth"]
     rep = sy["report"]
-    head = (f"# Table 1 in miniature ({out['mode']} run, {out['date']})\n\n"
-            f"Teacher: {out['teacher']['params'].get('hidden_size')}-dim, "
-            f"{out['teacher']['params'].get('num_hidden_layers')} layers, trained "
-            f"{(out['teacher']['train']['train_seconds'] or 0):.0f} s (final loss {out['teacher']['train']['final_loss']:.3f}). "
+    tt = out["teacher"]
+    teacher = (f"Teacher: {tt['params'].get('hidden_size')}-dim, {tt['params'].get('num_hidden_layers')} layers, "
+               f"trained {tt['train']['train_seconds'] or 0:.0f} s on {tt['train']['tokens_seen'] or 0:,} tokens "
+               f"(final loss {tt['train']['final_loss']:.3f}), served by `fastmath serve`. " if tt["run"]
+               else f"Teacher: the endpoint {tt['url']}. ")
+    head = (f"# Table 1 in miniature ({out['mode']} run, {out['date']})\n\n" + teacher +
             f"`fastmath synth` kept {rep['kept']:,} of {rep['items_started']:,} items "
             f"(dropped: {', '.join(f'{k} {v}' for k, v in (rep['dropped'] or {}).items() if v) or 'none'}) in "
             f"{(sy['seconds'] or 0):.0f} s. Teacher error rate over all {te['all_kept']['items']:,} kept items: "
