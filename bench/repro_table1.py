@@ -52,14 +52,14 @@ class Table1Settings:
     teacher_dim: int = 128
     teacher_layers: int = 4
     teacher_heads: int = 4
-    teacher_vocab: int = 1024
+    teacher_vocab: int = 2048  # pieces may span words: the long fixed prompts compress twofold
     teacher_question_tasks: int = 1500  # question-call examples (seed question -> new question + verification)
     teacher_answer_tasks: int = 3000  # answer-call examples
-    teacher_plain: int = 8000  # plain question + solution texts (arithmetic practice)
-    teacher_epochs: float = 1.0
+    teacher_plain: int = 12000  # plain question + solution texts (arithmetic practice)
+    teacher_epochs: float = 2.0
     teacher_lr: float = 1e-3
     # Synthesis (fastmath synth options)
-    synth_temperature: float = 1.0  # the paper's
+    synth_temperature: float = 0.7  # the paper's 1.0 is for GPT-4; a 1M-parameter teacher at 1.0 writes noise
     synth_consistency: int = 1
     synth_concurrency: int = 64
     synth_max_tokens: int = 320
@@ -77,7 +77,12 @@ class Table1Settings:
         return int(max(self.sizes) * (1 + self.synth_margin)) + 5
 
 
-QUICK = dict(sizes=(250,), teacher_question_tasks=500, teacher_answer_tasks=1000, teacher_plain=2500)
+QUICK = dict(sizes=(250,), teacher_question_tasks=600, teacher_answer_tasks=1200, teacher_plain=5000)
+
+
+def table1_settings(quick: bool = False, **overrides) -> Table1Settings:
+    """The stage's settings for repro_paper.py's full or --quick run (overrides: any Table1Settings field)."""
+    return Table1Settings(**{**(QUICK if quick else {}), **overrides})
 
 
 def say(msg: str) -> None:
@@ -94,10 +99,9 @@ def teacher_model(s: R.Settings, t: Table1Settings, work: Path, progress: bool =
 
     from fastmath.checkpoint import save_checkpoint
     from fastmath.config import ModelArgs
-    from fastmath.data import render_prompt
     from fastmath.model import Transformer
-    from fastmath.synth.teacher_tasks import teacher_records
-    from fastmath.tokenizer import Tokenizer, train_tokenizer
+    from fastmath.synth.teacher_tasks import teacher_records, train_teacher_tokenizer
+    from fastmath.tokenizer import Tokenizer
     from fastmath.train import TrainConfig, parse_procedural
 
     d = work / f"teacher-{R.digest(t.teacher_key(s))}"
@@ -109,9 +113,16 @@ def teacher_model(s: R.Settings, t: Table1Settings, work: Path, progress: bool =
                                             t.teacher_answer_tasks, t.teacher_plain, seed=s.seed, template="plain"))
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
-        recs = R.read_jsonl(data)[:3000]
-        texts = [r["text"] if "text" in r else render_prompt(r["question"], "plain") + " " + r["solution"] for r in recs]
-        train_tokenizer(texts, tok_path, t.teacher_vocab)
+        recs = R.read_jsonl(data)
+        tok = train_teacher_tokenizer(recs[:3000], tok_path, t.teacher_vocab)
+        # every question record must tokenize exactly as the server will see it: the prompt, then the reply
+        for r in recs:
+            if "text" in r and "FINAL CREATED QUESTION" in r["text"]:
+                prompt, _, reply = r["text"].partition("\nAnswer: ")
+                if tok.encode(r["text"], bos=True, eos=True) != (tok.encode(prompt + "\nAnswer:", bos=True)
+                                                                 + tok.encode(reply, bos=False, eos=True)):
+                    tok_path.unlink()
+                    raise RuntimeError("the teacher tokenizer merges across the prompt/reply boundary")
     init = d / "init"
     if not (init / "config.json").is_file():
         tok = Tokenizer(tok_path)
@@ -533,7 +544,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-dim", type=int, default=None, help="teacher width")
     p.add_argument("--teacher-layers", type=int, default=None, help="teacher depth")
     p.add_argument("--synth-consistency", type=int, default=None, help="fastmath synth --consistency (default 1)")
-    p.add_argument("--synth-temperature", type=float, default=None, help="fastmath synth --temperature (default 1.0)")
+    p.add_argument("--synth-temperature", type=float, default=None, help="fastmath synth --temperature (default 0.7)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2, one per core)")
     return p.parse_args(argv)

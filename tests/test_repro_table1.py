@@ -147,20 +147,27 @@ def test_teacher_replies_parse_as_the_pipeline_parses_them(tmp_path):
 
 def test_question_records_tokenize_as_prompt_then_reply(tmp_path):
     from fastmath.data import tokenize_examples
-    from fastmath.tokenizer import train_tokenizer
 
     cfg = P.parse_procedural(SPECS[1])
-    recs = T.teacher_records(cfg, 30, 30, 30, seed=0)
-    texts = [r["text"] if "text" in r else render_prompt(r["question"], "plain") + " " + r["solution"] for r in recs]
-    tok = train_tokenizer(texts, tmp_path / "t.model", 700)
+    recs = T.teacher_records(cfg, 60, 60, 60, seed=0)
+    tok = T.train_teacher_tokenizer(recs, tmp_path / "t.model", 1200)
     questions = [r for r in recs if "text" in r and "FINAL CREATED QUESTION" in r["text"]]
-    docs = tokenize_examples([record_to_example(r) for r in questions], tok, "plain")
+    answers = [r for r in recs if "question" in r]
+    docs = tokenize_examples([record_to_example(r) for r in questions + answers], tok, "plain")
     for i, r in enumerate(questions):
         prompt, _, reply = r["text"].partition("\nAnswer: ")
         seed_q = prompt.split("Seed problem:\n", 1)[1]
         # what the server feeds the model, then the reply: the same ids as the trained document
         want = encode_prompt(tok, T.question_prompt(seed_q), "plain") + tok.encode(reply, bos=False, eos=True)
         assert docs.doc(i).tolist() == want
+        assert docs.n_prompt[i] == 1  # plain text: every token after BOS is a target
+    for j, r in enumerate(answers):
+        i = len(questions) + j
+        assert docs.n_prompt[i] == len(encode_prompt(tok, r["question"], "plain"))  # the prompt is masked
+        assert tok.decode(docs.doc(i)[docs.n_prompt[i]:].tolist()) == r["solution"]
+    # pieces span words (the fixed prompt text compresses), and the round trip is exact
+    assert any("\u2581" in tok.id_to_piece(i)[1:] for i in range(tok.vocab_size))
+    assert all(tok.decode(tok.encode(x)) == x for x in T.tokenizer_sentences(recs[:50]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -92,3 +92,55 @@ def teacher_records(cfg: P.ProceduralConfig, n_question: int, n_answer: int, n_p
     recs += [{"text": r["text"]} for r in P.generate(n_plain, cfg, "train", seed=base + 3, plain=True)]
     random.Random(base).shuffle(recs)
     return recs
+
+
+def tokenizer_sentences(records: list[dict], template: str = "plain") -> list[str]:
+    """The texts a teacher tokenizer is trained on: every rendered prompt and every reply as separate texts, so
+    that no piece spans the prompt/reply boundary (a question record then tokenizes as prompt + reply)."""
+    from ..data import render_prompt
+
+    cue = render_prompt("\x00", template).split("\x00", 1)[1]  # the template's text after the question
+    out = []
+    for r in records:
+        if "question" in r:
+            out += [render_prompt(r["question"], template), r["solution"]]
+        elif cue and cue + " " in r["text"] and "FINAL CREATED QUESTION" in r["text"]:
+            prompt, _, reply = r["text"].partition(cue + " ")
+            out += [prompt + cue, reply]
+        else:
+            out.append(r["text"])
+    return out
+
+
+def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, template: str = "plain"):
+    """A SentencePiece BPE model for a teacher, with pieces that may span words (up to 128 characters).
+
+    The synthesis prompts are long fixed English text; word-bounded pieces leave them at ~300 tokens, pieces
+    across words compress them (and the replies) about twofold, which halves the teacher's training and
+    prefill cost. Otherwise fastmath's conventions (`fastmath.tokenizer.train_tokenizer`): digits split, byte
+    fallback, identity normalisation, dummy prefix, <unk>=0 <s>=1 </s>=2. The template's answer cue (for
+    `plain`, "\\nAnswer:") is one fixed piece, so a prompt always ends on a piece boundary.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    from ..data import render_prompt
+    from ..fsio import atomic_write
+    from ..tokenizer import Tokenizer
+
+    cue = render_prompt("\x00", template).split("\x00", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "sp")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(tokenizer_sentences(records, template)), model_prefix=prefix,
+            vocab_size=vocab_size, model_type="bpe", split_digits=True, byte_fallback=True, character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, split_by_whitespace=False,
+            max_sentencepiece_length=128, user_defined_symbols=[cue] if cue.strip() else [],
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        data = Path(prefix + ".model").read_bytes()
+    atomic_write(Path(path), data)
+    return Tokenizer(path)
