@@ -92,6 +92,17 @@ def test_non_procedural_text_gives_none(text):
     assert exact_answer(text) is None and question_key(text) is None
 
 
+def test_lenient_parse_reads_mixed_up_items():
+    q = ("Leo has 13 books. He gives 2 coins to a friend. Then she buys 19 more pencils. "
+         "How many cards does Tom have now?")
+    assert parse_question(q) is None  # not the generator's form
+    assert parse_question(q, strict=False) == (13, [("sub", 2), ("add", 19)])
+    assert exact_answer(q, strict=False) == "30" and question_key(q, strict=False) == "13 sub 2 add 19"
+    assert parse_question("What is 2 + 3?", strict=False) is None
+    for r in P.generate(300, P.parse_procedural(SPECS[0]), seed=8):  # lenient agrees on well-formed questions
+        assert parse_question(r["question"], strict=False) == parse_question(r["question"])
+
+
 def test_model_written_numbers_are_solved_exactly():
     # A teacher may write steps the generator never would (a remainder, a negative count): still exact.
     q = ("Ana has 7 coins. She shares the coins equally among 2 boxes and keeps one box. "
@@ -198,9 +209,14 @@ def test_teacher_errors_and_novelty():
     probs = P.generate(40, cfg, "train", seed=4)
     recs = [{"question": p["question"], "answer": str(int(p["answer"]) + (i % 4 == 0))} for i, p in enumerate(probs)]
     recs.append({"question": "What is 2 + 3?", "answer": "5"})
+    recs.append({"question": "Leo has 13 books. He gives 2 coins to a friend. Then he buys 19 more pencils. "
+                             "How many cards does Tom have now?", "answer": "30"})  # mixed up: 13 - 2 + 19
+    recs.append({"question": "Leo has 13 books. He gives 2 coins to a friend. How many cards does Leo have now?",
+                 "answer": "12"})  # mixed up and wrong
     e = R1.teacher_errors(recs)
-    assert e == {"items": 41, "unparseable_questions": 1, "wrong_answers": 10, "error_rate": 11 / 41,
-                 "error_rate_parsed": 10 / 40}
+    assert e == {"items": 43, "well_formed": 40, "mixed_up": 2, "unparseable_questions": 1, "wrong_answers": 11,
+                 "error_rate": 12 / 43, "error_rate_parsed": 11 / 42}
+    recs = recs[:41]
     real = [{"question": p["question"]} for p in probs[:25]]
     nv = R1.novelty(recs, real)
     assert nv["parsed"] == 40 and nv["question_copies_of_real"] == 25

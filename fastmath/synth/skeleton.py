@@ -38,11 +38,14 @@ _SUBJECT = re.compile(r"(?:She|He|Then she|Then he) ")
 _SENTENCE = re.compile(r"[^.?]*[.?]")
 
 
-def parse_question(text) -> tuple[int, list[tuple[str, int]]] | None:
+def parse_question(text, strict: bool = True) -> tuple[int, list[tuple[str, int]]] | None:
     """(start, [(op, operand), ...]) of a procedural question, or None when `text` is not one.
 
-    Whitespace between sentences is free; each sentence must have exactly the generator's form, every step
-    must name the same item as the first sentence, and the question must ask about the same person and item.
+    Whitespace between sentences is free; each sentence must have exactly the generator's form. strict=True
+    also requires every step to name the same item as the first sentence and the question to ask about the
+    same person and item. strict=False reads the arithmetic of a question a model wrote with the sentence
+    forms right but the items or people mixed up ("Leo has 13 books. He gives 2 coins to a friend. ... How
+    many cards does Leo have now?"): its skeleton is still the start value and the steps.
     """
     if not isinstance(text, str):
         return None
@@ -58,7 +61,7 @@ def parse_question(text) -> tuple[int, list[tuple[str, int]]] | None:
     if m is None or last is None:
         return None
     name, start, item = m.group(1), int(m.group(2)), m.group(3)
-    if last.group(1) != item or last.group(2) != name:
+    if strict and (last.group(1) != item or last.group(2) != name):
         return None
     ops = []
     for i, sentence in enumerate(sentences[1:-1]):
@@ -76,7 +79,7 @@ def parse_question(text) -> tuple[int, list[tuple[str, int]]] | None:
             x, step_item = int(sm.group(1)), sm.group(2)
         else:
             step_item, x = sm.group(1), int(sm.group(2))
-        if step_item != item:
+        if strict and step_item != item:
             return None
         ops.append((op, x))
     return start, ops
@@ -101,10 +104,10 @@ def solve(start: int, ops) -> Fraction:
     return value
 
 
-def exact_answer(question: str) -> str | None:
+def exact_answer(question: str, strict: bool = True) -> str | None:
     """The exact answer of a procedural question as a plain number ('12', '-3', '7/2' when not whole), or None
-    when the text is not a procedural question (or divides by zero)."""
-    sk = parse_question(question)
+    when the text is not a procedural question (or divides by zero); `strict` as in parse_question."""
+    sk = parse_question(question, strict)
     if sk is None:
         return None
     try:
@@ -114,7 +117,7 @@ def exact_answer(question: str) -> str | None:
     return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
 
 
-def question_key(question: str) -> str | None:
+def question_key(question: str, strict: bool = True) -> str | None:
     """`skeleton_key` of a question's parsed skeleton ('7 add 5 sub 3'), or None when it does not parse."""
-    sk = parse_question(question)
+    sk = parse_question(question, strict)
     return None if sk is None else skeleton_key(*sk)
