@@ -52,7 +52,12 @@ class Table1Settings:
     teacher_dim: int = 128
     teacher_layers: int = 4
     teacher_heads: int = 4
-    teacher_vocab: int = 2048  # pieces may span words: the long fixed prompts compress twofold
+    teacher_vocab: int = 2048  # an upper bound: word-bounded pieces stop at ~1,500 on this text
+    # "words": pieces never span a space, so a question's person and item are the same token wherever they
+    # occur; "spans" (pieces across words, prompts ~2.5x shorter) fused them into phrase pieces such as
+    # "▁How▁many▁apples▁does▁Ines▁have▁now" and the teacher mixed people and items up (0 of 1,055 kept
+    # questions well formed in the full run of 2026-12-03)
+    teacher_tokenizer: str = "words"
     teacher_question_tasks: int = 2500  # question-call examples (seed question -> new question + verification)
     teacher_answer_tasks: int = 3000  # answer-call examples
     teacher_plain: int = 8000  # plain question + solution texts (arithmetic practice)
@@ -114,7 +119,7 @@ def teacher_model(s: R.Settings, t: Table1Settings, work: Path, progress: bool =
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
         recs = R.read_jsonl(data)
-        tok = train_teacher_tokenizer(recs[:3000], tok_path, t.teacher_vocab)
+        tok = train_teacher_tokenizer(recs[:3000], tok_path, t.teacher_vocab, words=t.teacher_tokenizer == "words")
         # every question record must tokenize exactly as the server will see it: the prompt, then the reply
         for r in recs:
             if "text" in r and "FINAL CREATED QUESTION" in r["text"]:
@@ -571,6 +576,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher-plain", type=int, default=None, help="teacher plain question+solution texts")
     p.add_argument("--teacher-dim", type=int, default=None, help="teacher width")
     p.add_argument("--teacher-layers", type=int, default=None, help="teacher depth")
+    p.add_argument("--teacher-tokenizer", choices=("words", "spans"), default=None,
+                   help="teacher tokenizer pieces: words (never across a space; default) or spans (across words: "
+                        "shorter prompts, but people and items fused into phrase pieces)")
     p.add_argument("--synth-consistency", type=int, default=None, help="fastmath synth --consistency (default 1)")
     p.add_argument("--synth-temperature", type=float, default=None, help="fastmath synth --temperature (default 0.5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -586,7 +594,7 @@ def settings_from_args(a) -> tuple[R.Settings, Table1Settings]:
         "pretrain_examples": a.pretrain_examples}))
     kw = dict(QUICK) if a.quick else {}
     for name in ("teacher_question_tasks", "teacher_answer_tasks", "teacher_plain", "teacher_dim", "teacher_layers",
-                 "synth_consistency", "synth_temperature"):
+                 "teacher_tokenizer", "synth_consistency", "synth_temperature"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     if a.sizes:

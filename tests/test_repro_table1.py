@@ -16,7 +16,7 @@ import pytest
 from fastmath import grading, metrics
 from fastmath.data import encode_prompt, record_to_example, render_prompt
 from fastmath.serve.protocol import ChatCompletionRequest
-from fastmath.serve.text import render_chat
+from fastmath.serve.text import encode_text, render_chat
 from fastmath.synth import procedural as P
 from fastmath.synth import teacher_tasks as T
 from fastmath.synth.parse import normalise_answer, parse_answer_reply, parse_question_fields, parse_question_reply
@@ -168,17 +168,37 @@ def test_question_records_tokenize_as_prompt_then_reply(tmp_path):
     for i, r in enumerate(questions):
         prompt, _, reply = r["text"].partition("\nAnswer: ")
         seed_q = prompt.split("Seed problem:\n", 1)[1]
-        # what the server feeds the model, then the reply: the same ids as the trained document
-        want = encode_prompt(tok, T.question_prompt(seed_q), "plain") + tok.encode(reply, bos=False, eos=True)
-        assert docs.doc(i).tolist() == want
+        # what the server feeds the model (its own rendering and encoding of the synth request), then the
+        # reply: the same ids as the trained document
+        served = encode_text(tok, _serve_prompt(T.question_prompt(seed_q)), add_bos=True)
+        assert served == encode_prompt(tok, T.question_prompt(seed_q), "plain")
+        assert docs.doc(i).tolist() == served + tok.encode(reply, bos=False, eos=True)
         assert docs.n_prompt[i] == 1  # plain text: every token after BOS is a target
     for j, r in enumerate(answers):
         i = len(questions) + j
-        assert docs.n_prompt[i] == len(encode_prompt(tok, r["question"], "plain"))  # the prompt is masked
+        served = encode_text(tok, _serve_prompt(r["question"]), add_bos=True)
+        assert docs.n_prompt[i] == len(served) and docs.doc(i)[:len(served)].tolist() == served  # masked prompt
         assert tok.decode(docs.doc(i)[docs.n_prompt[i]:].tolist()) == r["solution"]
-    # pieces span words (the fixed prompt text compresses), and the round trip is exact
-    assert any("\u2581" in tok.id_to_piece(i)[1:] for i in range(tok.vocab_size))
     assert all(tok.decode(tok.encode(x)) == x for x in T.tokenizer_sentences(recs[:50]))
+
+
+def test_teacher_tokenizer_keeps_people_and_items_one_token_everywhere(tmp_path):
+    """A question's person and item are one and the same token wherever a space (or the text's start) precedes
+    them: everywhere in the replies (a name after a newline, as in "Seed problem:\\nEmma", is another piece).
+
+    Pieces across words fused them with the fixed text around them ("\u2581How\u2581many\u2581apples\u2581does
+    \u2581Ines\u2581have\u2581now"), so keeping a question's person and item consistent meant matching different
+    tokens, and the repro_table1 teacher mixed them up in every question it wrote."""
+    cfg = P.parse_procedural(SPECS[1])
+    recs = T.teacher_records(cfg, 60, 60, 60, seed=0)
+    tok = T.train_teacher_tokenizer(recs, tmp_path / "t.model", 1200)
+    words = {w: tok.encode(w, bos=False) for w in P.NAMES + P.ITEMS}
+    assert all(len(ids) == 1 for ids in words.values()), {w: ids for w, ids in words.items() if len(ids) != 1}
+    texts = [r.get("text") or render_prompt(r["question"], "plain") + " " + r["solution"] for r in recs]
+    for text in texts:
+        ids = tok.encode(text, bos=False)
+        for w, (wid,) in words.items():
+            assert ids.count(wid) == len(re.findall(rf"(?<![^ ]){w}(?![A-Za-z])", text)), (w, text)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -112,14 +112,19 @@ def tokenizer_sentences(records: list[dict], template: str = "plain") -> list[st
     return out
 
 
-def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, template: str = "plain"):
-    """A SentencePiece BPE model for a teacher, with pieces that may span words (up to 128 characters).
+def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, template: str = "plain",
+                            words: bool = True):
+    """A SentencePiece BPE model for a teacher.
 
-    The synthesis prompts are long fixed English text; word-bounded pieces leave them at ~300 tokens, pieces
-    across words compress them (and the replies) about twofold, which halves the teacher's training and
-    prefill cost. Otherwise fastmath's conventions (`fastmath.tokenizer.train_tokenizer`): digits split, byte
-    fallback, identity normalisation, dummy prefix, <unk>=0 <s>=1 </s>=2. The template's answer cue (for
-    `plain`, "\\nAnswer:") is one fixed piece, so a prompt always ends on a piece boundary.
+    words=True (the default): pieces never span a space, so a question's person and item are the same token
+    wherever they occur (`vocab_size` is then an upper bound: the model stops when no pair is left to merge,
+    ~1,500 pieces on repro_table1's records). words=False: pieces may span words (up to 128 characters); the
+    long fixed prompts compress about 2.5x, but people and items fuse with the text around them into phrase
+    pieces ("\u2581How\u2581many\u2581apples\u2581does\u2581Ines\u2581have\u2581now"), and a teacher trained
+    so mixed people and items up in every question it wrote (repro_table1's run of 2026-12-03). Otherwise
+    fastmath's conventions (`fastmath.tokenizer.train_tokenizer`): digits split, byte fallback, identity
+    normalisation, dummy prefix, <unk>=0 <s>=1 </s>=2. The template's answer cue (for `plain`, "\\nAnswer:")
+    is one fixed piece, so a prompt always ends on a piece boundary.
     """
     import os
     import tempfile
@@ -138,8 +143,9 @@ def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, t
             sentence_iterator=iter(tokenizer_sentences(records, template)), model_prefix=prefix,
             vocab_size=vocab_size, model_type="bpe", split_digits=True, byte_fallback=True, character_coverage=1.0,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, split_by_whitespace=False,
-            max_sentencepiece_length=128, user_defined_symbols=[cue] if cue.strip() else [],
+            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, split_by_whitespace=words,
+            max_sentencepiece_length=16 if words else 128, hard_vocab_limit=not words,
+            user_defined_symbols=[cue] if cue.strip() else [],
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
         data = Path(prefix + ".model").read_bytes()
     atomic_write(Path(path), data)
