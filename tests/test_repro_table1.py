@@ -26,10 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_server import FakeOpenAI  # noqa: E402
 
+# Unnamed options fill from procedural.DEFAULT_CONFIG: pin the start range and carries these specs were written for.
+PIN = " max_start=0 carry=true"
 SPECS = [  # every operation, one to five steps, both solution styles
-    "min_steps=1 max_steps=5 max_operand=20 max_factor=4 max_value=200 ops=add,sub,mul,div style=verbose",
-    "min_steps=1 max_steps=4 max_operand=20 max_factor=3 max_value=100 ops=add,sub,mul style=terse",
-    "min_steps=2 max_steps=2 max_operand=9 max_value=9 ops=add,sub style=terse",
+    "min_steps=1 max_steps=5 max_operand=20 max_factor=4 max_value=200 ops=add,sub,mul,div style=verbose" + PIN,
+    "min_steps=1 max_steps=4 max_operand=20 max_factor=3 max_value=100 ops=add,sub,mul style=terse" + PIN,
+    "min_steps=2 max_steps=2 max_operand=9 max_value=9 ops=add,sub style=terse" + PIN,
+    P.spec_of(P.DEFAULT_CONFIG),  # the demo default: 3-digit starts, no carries
 ]
 
 
@@ -249,7 +252,7 @@ def test_teacher_errors_and_novelty():
 # The stage end to end (tiny), against a scripted teacher endpoint
 
 
-EASY = "min_steps=1 max_steps=2 max_operand=9 max_value=30 ops=add"
+EASY = "min_steps=1 max_steps=2 max_operand=9 max_value=30 ops=add" + PIN
 
 
 class ScriptedTeacher(FakeOpenAI):
