@@ -28,17 +28,16 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))  # repro_paper, when imported from elsewhere
 import repro_paper as R  # noqa: E402
+
+from fastmath.serve.process import ServeProcess  # noqa: E402
 
 REPO = R.REPO
 
@@ -146,57 +145,6 @@ def teacher_model(s: R.Settings, t: Table1Settings, work: Path, progress: bool =
 # Serving and synthesis (the fastmath CLI, unchanged)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Served:
-    """`fastmath serve` of a run directory on 127.0.0.1 in a subprocess (context manager; SIGTERM on exit)."""
-
-    def __init__(self, model: Path, log_path: Path, threads: int = 1, name: str = "teacher"):
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.name = name
-        self._log = open(log_path, "ab")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmath.cli", "serve", "--model", str(model), "--port", str(self.port),
-             "--threads", str(threads), "--served-model-name", name, "--log-level", "warning"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fastmath serve exited ({self.proc.returncode}); see {log_path}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.close()
-                raise RuntimeError(f"fastmath serve did not become healthy; see {log_path}")
-            time.sleep(0.3)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def synth_command(t: Table1Settings, seeds: Path, out: Path, base_url: str, model: str = "teacher") -> list[str]:
     """The `fastmath synth` command line of the stage (headroom: up to 3x the target in items)."""
     target = t.synth_target()
@@ -234,7 +182,8 @@ def synthesize(s: R.Settings, t: Table1Settings, teacher_run: Path | None, work:
     if teacher_url is not None:
         rc = run_synth(teacher_url)
     else:
-        with Served(teacher_run, d / "serve.log", threads) as srv:
+        with ServeProcess(teacher_run, "--served-model-name", "teacher", log_path=d / "serve.log", threads=threads,
+                          cwd=REPO) as srv:
             rc = run_synth(srv.base_url)
     seconds = time.time() - t0
     if rc != 0:

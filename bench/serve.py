@@ -25,8 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # last, not first: the repo's kernels/ must not shadow the `kernels` package
+
+from fastmath.serve.process import ServeProcess  # noqa: E402
 
 
 def env_info(threads: int) -> dict:
@@ -113,37 +114,13 @@ def run_offline(ckpt: Path, prompts, a) -> dict:
 # 2 and 3. served
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Served(ServeProcess):
+    """`fastmath serve` of the benchmark's checkpoint as "demo", with the run's slots and context."""
 
-
-class ServeProcess:
     def __init__(self, ckpt: Path, a, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "wb")
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads or os.cpu_count())}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmath.cli", "serve", "--model", str(ckpt), "--port", str(self.port),
-             "--served-model-name", "demo", "--threads", str(a.threads), "--max-slots", str(a.max_slots),
-             "--max-model-len", str(a.max_model_len),
-             "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        import httpx
-
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fastmath serve exited with {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("fastmath serve did not start")
-            time.sleep(0.3)
+        super().__init__(ckpt, "--served-model-name", "demo", "--max-slots", str(a.max_slots), "--max-model-len",
+                         str(a.max_model_len), log_path=log_path, threads=a.threads,
+                         omp_threads=a.threads or os.cpu_count(), cwd=REPO)
 
     def metrics(self) -> dict:
         import httpx
@@ -154,14 +131,6 @@ class ServeProcess:
                 name, value = line.rsplit(" ", 1)
                 out[name.split("{")[0].split(":", 1)[1]] = float(value)
         return out
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 KILLED_CLIENT = """
@@ -237,7 +206,7 @@ async def run_clients(url: str, prompts, a, kill: int = 0) -> dict:
 
 
 def run_served(ckpt: Path, prompts, a, work: Path) -> dict:
-    srv = ServeProcess(ckpt, a, work / "serve.log")
+    srv = Served(ckpt, a, work / "serve.log")
     try:
         asyncio.run(run_clients(srv.url, prompts[:2], argparse.Namespace(**{**vars(a), "clients": 1, "requests": 1})))
         before = srv.metrics()

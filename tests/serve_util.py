@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +13,7 @@ import torch
 from fastmath.checkpoint import save_checkpoint
 from fastmath.config import get_preset
 from fastmath.model import Transformer
+from fastmath.serve.process import ServeProcess
 from fastmath.synth.procedural import SMALL_CONFIG, generate
 from fastmath.tokenizer import train_tokenizer
 
@@ -32,12 +29,6 @@ def make_checkpoint(root: Path, max_seq_len: int = 1024) -> Path:
     model.init_weights(0.2)
     save_checkpoint(model, root / "ckpt", tokenizer_path=tok.path)
     return root / "ckpt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body=None, headers=None, timeout: float = 60.0):
@@ -57,38 +48,12 @@ def http(method: str, url: str, body=None, headers=None, timeout: float = 60.0):
         return status, text
 
 
-class Server:
-    """`fastmath serve` in a subprocess; `stop()` sends SIGTERM and waits (kill after `timeout`)."""
+class Server(ServeProcess):
+    """`fastmath serve` of `model_dir` in a subprocess (one thread); `stop()` sends SIGTERM and waits."""
 
     def __init__(self, model_dir: Path, *args: str, log_path: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = self.url + "/v1"
-        self.log_path = log_path or Path(model_dir).parent / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmath.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--threads", "1", "--log-level", "warning", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.time() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fastmath serve exited ({self.proc.returncode}):\n{self.log()}")
-            try:
-                if http("GET", self.url + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"fastmath serve did not become healthy:\n{self.log()}")
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        port_log = log_path or Path(model_dir).parent / f"serve-{os.getpid()}-{time.monotonic_ns()}.log"
+        super().__init__(model_dir, *args, log_path=port_log, start_timeout=180, cwd=REPO)
 
     def metrics(self) -> dict:
         """{name: value} of /metrics (labels dropped)."""
@@ -100,13 +65,6 @@ class Server:
                 out[name.split("{")[0]] = float(value)
         return out
 
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    def stop(self) -> int:
+        super().stop()
         return self.proc.returncode
