@@ -188,6 +188,84 @@ def test_noise_is_a_function_of_key_and_token_only():
     assert len(set(keys.tolist())) == 3
 
 
+@pytest.mark.parametrize("case", ["peaked", "flat", "masked", "ties", "one_hot"])
+def test_pruned_gumbel_argmax_equals_full_vocabulary_draw(case):
+    """gumbel_argmax hashes noise only for tokens that can win: the same token as argmax(z + noise) over
+    the whole vocabulary, row by row, including ties (lowest id) and -inf-masked tokens."""
+    from fastmath.engine.sampling import gumbel_argmax
+
+    g = torch.Generator().manual_seed(1)
+    N, V = 512, 768
+    z = torch.randn(N, V, generator=g)
+    if case == "peaked":  # a trained model at T=0.7: one or a few tokens far ahead
+        z = z * 2 + torch.zeros(N, V).scatter_(1, torch.randint(V, (N, 3), generator=g), 12.0)
+    elif case == "flat":  # an untrained model: most of the vocabulary could win (whole-vocabulary fallback)
+        z = z * 0.1
+    elif case == "masked":  # top-p leaves a few tokens; the rest are -inf
+        z = (z * 3).masked_fill(torch.rand(N, V, generator=g) < 0.97, float("-inf"))
+        z[torch.arange(N), z.argmax(-1)] = 5.0
+    elif case == "ties":  # many exactly equal leaders: the lowest id must win when scores tie
+        z = torch.full((N, V), -30.0)
+        z[:, 100:110] = 3.0
+        z[:, 5] = 3.0
+    else:
+        z = torch.full((N, V), -1e4)
+        z[torch.arange(N), torch.randint(V, (N,), generator=g)] = 0.0
+    keys = step_keys(sample_keys(3, torch.arange(N) % 7, torch.arange(N)), torch.arange(N) % 5)
+    full = (z + gumbel_noise(keys, torch.arange(V))).argmax(-1)
+    assert torch.equal(gumbel_argmax(z, keys), full)
+    # and through sample_tokens (temperature scaling, nucleus mask)
+    logits = z.masked_fill(torch.isinf(z), -1e9)
+    for t, p in ((0.7, 1.0), (1.0, 0.9)):
+        zz = logits / t
+        if p < 1.0:
+            from fastmath.engine.sampling import _nucleus_mask
+            zz = _nucleus_mask(zz, p)
+        want = (zz + gumbel_noise(keys, torch.arange(V))).argmax(-1)
+        assert torch.equal(sample_tokens(logits, keys, t, p, 0), want)
+
+
+def test_gumbel_noise_is_finite_at_the_largest_hash():
+    """A hash whose top 24 bits are all ones gave u = 1.0 in fp32 and +inf noise (a token drawn whatever its
+    logit, even a masked one): the noise stays finite and below GUMBEL_MAX."""
+    from fastmath.engine.sampling import GUMBEL_MAX, _M32, _mix32
+
+    x = None
+    for start in range(0, 1 << 28, 1 << 22):  # mix32 is a bijection: 256 of the 2^32 inputs hash there
+        xs = torch.arange(start, start + (1 << 22), dtype=torch.long)
+        hit = torch.nonzero((_mix32(xs) >> 8) == (1 << 24) - 1)
+        if len(hit):
+            x = int(xs[hit[0, 0]])
+            break
+    assert x is not None
+    tok0 = int(_mix32(torch.tensor([0x7F4A7C15]))[0])  # token 0's hash, as gumbel_noise mixes it
+    key = torch.tensor([(x - tok0) & _M32])
+    g = gumbel_noise(key, torch.tensor([0, 1, 2]))
+    assert torch.isfinite(g).all() and g[0, 0] <= GUMBEL_MAX and g[0, 0] > 16
+    assert int(sample_tokens(torch.tensor([[-1e9, 0.0, 5.0]]), key, 1.0, 0.5, 0)[0]) == 2  # token 0 is masked
+
+
+def test_pruned_gumbel_argmax_exact_with_fp32_ties_of_the_sum():
+    """Scores that tie only after fp32 rounding of z + noise, the higher-logit token having the higher id: the
+    whole-vocabulary argmax takes the lower id, and so must the pruned draw (which sees the higher logit first)."""
+    from fastmath.engine.sampling import gumbel_argmax
+
+    N, V = 64, 1024  # a noise value above 4.5 in every row (P ~ 1e-5 of none)
+    keys = step_keys(sample_keys(0, torch.zeros(N, dtype=torch.long), torch.arange(N)), torch.zeros(N, dtype=torch.long))
+    noise = gumbel_noise(keys, torch.arange(V))
+    big = float(2 ** 27)  # fp32 spacing 8 below, 16 above: (big - 8) + g rounds to big for g > 4, big + g for g < 8
+    z = torch.full((N, V), -1e3)
+    lo = [int(torch.nonzero(noise[r, :-1] > 4.5)[0]) for r in range(N)]
+    hi = [lo[r] + 1 + int(torch.nonzero(noise[r, lo[r] + 1:] < 7.5)[0]) for r in range(N)]
+    rows = torch.arange(N)
+    z[rows, lo] = big - 8
+    z[rows, hi] = big
+    score = z + noise
+    assert torch.equal(score[rows, lo], score[rows, hi])  # the constructed ties
+    assert torch.equal((z + noise).argmax(-1), torch.tensor(lo))
+    assert torch.equal(gumbel_argmax(z, keys), torch.tensor(lo))
+
+
 def _brute_force_probs(z, top_p, top_k):
     """Allowed set and renormalised probabilities by enumeration (fp64)."""
     z = z.double()

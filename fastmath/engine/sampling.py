@@ -8,6 +8,7 @@ the noise key, the server a hash of the prompt's token ids.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,16 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     if tok.dim() == 1:
         tok = tok[None, :]
     h = _mix32((keys[:, None] + tok) & _M32)
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    # in (0, 1): the top 24 bits + 0.5, scaled. The largest, (2^24 - 0.5) / 2^24, rounds to 1.0 in fp32 (which
+    # gave +inf noise: a token drawn whatever its logit, about once per 2^24 hashes), so it is clamped to the
+    # largest fp32 below 1; every other value is unchanged.
+    u = (((h >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_max_(_U_MAX)
     return -torch.log(-torch.log(u))
+
+
+_U_MAX = 1.0 - 2.0 ** -24  # the largest fp32 below 1
+# An upper bound on gumbel_noise (-log(-log(_U_MAX)) = 16.64), with slack for libm's last-ulp differences
+GUMBEL_MAX = float(-math.log(-math.log(_U_MAX))) + 0.01
 
 
 def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -105,8 +114,37 @@ def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, temperature: float =
     else:
         if top_p < 1.0:
             z = _nucleus_mask(z, top_p)
-        out = (z + gumbel_noise(keys, torch.arange(V, device=logits.device))).argmax(-1)
+        out = gumbel_argmax(z, keys)
     return torch.where(greedy, argmax, out) if greedy is not None else out
+
+
+def gumbel_argmax(z: torch.Tensor, keys: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax(z + gumbel_noise(keys, 0..V-1)) per row, drawing noise only for the tokens that can win.
+
+    A token i can beat the row's highest-logit token t only if fl(z_i + G) >= fl(z_t + g_t), G = GUMBEL_MAX
+    bounding every noise value (fp32 addition is monotonic, so fl(z_i + g_i) <= fl(z_i + G)). The noise is computed
+    for the candidates alone (the C highest z of each row, C the largest candidate count over the rows), and
+    ties go to the lowest token id as in argmax over the whole vocabulary: the same token, bit for bit, at a
+    fraction of the hashing when the distribution is peaked (a trained model's usually is). Falls back to the
+    whole vocabulary when more than a quarter of it could win.
+
+    Args: z (N, V) fp32 scaled logits (-inf allowed where masked, not a whole row); keys (N,) from
+    `step_keys`; top: (N,) argmax of z if already known.
+    """
+    N, V = z.shape
+    ids = torch.arange(V, device=z.device)
+    if N == 0 or V < 64:
+        return (z + gumbel_noise(keys, ids)).argmax(-1)
+    top = z.argmax(-1) if top is None else top
+    g_top = gumbel_noise(keys, top[:, None])[:, 0]
+    bar = z.gather(1, top[:, None])[:, 0] + g_top
+    C = int(((z + GUMBEL_MAX) >= bar[:, None]).sum(-1).max())
+    if C * 4 > V:
+        return (z + gumbel_noise(keys, ids)).argmax(-1)
+    zc, cand = z.topk(C, dim=-1)  # every possible winner (plus ties at the threshold, scored exactly)
+    vals = zc + gumbel_noise(keys, cand)
+    best = vals.max(-1, keepdim=True).values
+    return torch.where(vals == best, cand, V).min(-1).values
 
 
 def _nucleus_mask(z: torch.Tensor, top_p: float, already_sorted: bool = False) -> torch.Tensor:
