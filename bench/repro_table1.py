@@ -57,6 +57,10 @@ class Table1Settings:
     # "▁How▁many▁apples▁does▁Ines▁have▁now" and the teacher mixed people and items up (0 of 1,055 kept
     # questions well formed in the full run of 2026-12-03)
     teacher_tokenizer: str = "words"
+    # Each call's fixed instructions (~200 and ~80 words) are one piece of the teacher's tokenizer
+    # (teacher_tasks.prompt_heads): question-call examples 431 -> 176 tokens, answer-call 202 -> 123, and the
+    # server prefills only the questions
+    teacher_prompt_pieces: bool = True
     teacher_question_tasks: int = 2500  # question-call examples (seed question -> new question + verification)
     teacher_answer_tasks: int = 3000  # answer-call examples
     teacher_plain: int = 8000  # plain question + solution texts (arithmetic practice)
@@ -118,7 +122,8 @@ def teacher_model(s: R.Settings, t: Table1Settings, work: Path, progress: bool =
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
         recs = R.read_jsonl(data)
-        tok = train_teacher_tokenizer(recs[:3000], tok_path, t.teacher_vocab, words=t.teacher_tokenizer == "words")
+        tok = train_teacher_tokenizer(recs[:3000], tok_path, t.teacher_vocab, words=t.teacher_tokenizer == "words",
+                                      heads=t.teacher_prompt_pieces)
         # every question record must tokenize exactly as the server will see it: the prompt, then the reply
         for r in recs:
             if "text" in r and "FINAL CREATED QUESTION" in r["text"]:

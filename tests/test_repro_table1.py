@@ -177,10 +177,13 @@ def test_question_records_tokenize_as_prompt_then_reply(tmp_path):
         assert served == encode_prompt(tok, T.question_prompt(seed_q), "plain")
         assert docs.doc(i).tolist() == served + tok.encode(reply, bos=False, eos=True)
         assert docs.n_prompt[i] == 1  # plain text: every token after BOS is a target
+        # the call's fixed instructions are one piece: the prompt costs the seed question's tokens plus a few
+        assert len(served) <= len(tok.encode("\n" + seed_q, bos=False)) + 4, len(served)
     for j, r in enumerate(answers):
         i = len(questions) + j
         served = encode_text(tok, _serve_prompt(r["question"]), add_bos=True)
         assert docs.n_prompt[i] == len(served) and docs.doc(i)[:len(served)].tolist() == served  # masked prompt
+        assert len(served) <= len(tok.encode("\n" + r["question"].split("Problem:\n", 1)[1], bos=False)) + 4
         assert tok.decode(docs.doc(i)[docs.n_prompt[i]:].tolist()) == r["solution"]
     assert all(tok.decode(tok.encode(x)) == x for x in T.tokenizer_sentences(recs[:50]))
 

@@ -112,8 +112,18 @@ def tokenizer_sentences(records: list[dict], template: str = "plain") -> list[st
     return out
 
 
+def prompt_heads(template: str = "plain") -> list[str]:
+    """The fixed text of each rendered call prompt before its question (the question-call head ends with
+    "Seed problem:\n", the answer-call head with "Problem:\n"): everything the pipeline sends that is not the
+    seed or created question itself, apart from the template's answer cue after it."""
+    from ..data import render_prompt
+
+    return [render_prompt(question_prompt("\x00"), template).split("\x00", 1)[0],
+            render_prompt(answer_prompt("\x00"), template).split("\x00", 1)[0]]
+
+
 def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, template: str = "plain",
-                            words: bool = True):
+                            words: bool = True, heads: bool = True):
     """A SentencePiece BPE model for a teacher.
 
     words=True (the default): pieces never span a space, so a question's person and item are the same token
@@ -125,6 +135,11 @@ def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, t
     fastmath's conventions (`fastmath.tokenizer.train_tokenizer`): digits split, byte fallback, identity
     normalisation, dummy prefix, <unk>=0 <s>=1 </s>=2. The template's answer cue (for `plain`, "\\nAnswer:")
     is one fixed piece, so a prompt always ends on a piece boundary.
+
+    heads=True (the default): each call's fixed prompt text before its question (`prompt_heads`, ~200 and ~80
+    words) is one piece too, so a prompt costs its question's tokens plus two: the teacher's training and the
+    server's prefill spend nothing on the long instructions (GPT-4 reads them; a 1M-parameter teacher only needs
+    to know which call it is answering).
     """
     import os
     import tempfile
@@ -145,7 +160,8 @@ def train_teacher_tokenizer(records: list[dict], path, vocab_size: int = 2048, t
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
             allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, split_by_whitespace=words,
             max_sentencepiece_length=16 if words else 128, hard_vocab_limit=not words,
-            user_defined_symbols=[cue] if cue.strip() else [],
+            user_defined_symbols=([cue] if cue.strip() else [])
+            + ([h.replace(" ", "\u2581") for h in prompt_heads(template)] if heads else []),
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
         data = Path(prefix + ".model").read_bytes()
     atomic_write(Path(path), data)
