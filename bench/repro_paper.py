@@ -424,6 +424,28 @@ class Context:
 STAGES: list = []
 
 
+def register_table1(table1_settings=None, teacher_url: str | None = None) -> None:
+    """Add the Table-1 stage (bench/repro_table1.py) to STAGES under "table1": a teacher trained on the synthesis
+    calls and served by `fastmath serve`, the unchanged `fastmath synth` against it, skeleton decontamination, and
+    students fine-tuned from this run's base on real vs synthetic data. It writes repro_table1.json/.md/.png
+    beside this run's results.
+
+    table1_settings: a repro_table1.Table1Settings (default: its full or --quick settings); teacher_url: an
+    OpenAI-compatible endpoint to synthesize from instead of the trained teacher.
+    """
+    sys.path.append(str(Path(__file__).resolve().parent))
+    import repro_table1 as T1
+
+    def stage(ctx: Context) -> dict:
+        s = T1.R.Settings(**dataclasses.asdict(ctx.settings))  # repro_table1's copy of this module's class
+        t = table1_settings or T1.table1_settings(ctx.quick)
+        out = T1.table1(s, t, ctx.work, ctx.quick, ctx.workers, teacher_url=teacher_url)
+        T1.write_results(out, ctx.results)
+        return out
+
+    STAGES[:] = [(k, f) for k, f in STAGES if k != "table1"] + [("table1", stage)]
+
+
 def targets(out: dict) -> dict:
     """The issue's absolute targets, checked on the results (True/False each)."""
     n = out["settings"]["n"]
@@ -545,7 +567,13 @@ def markdown_table(out: dict) -> str:
             f"(serial sum {st['serial_sum'] / 60:.1f} min; this invocation {out['total_seconds'] / 60:.1f} min). "
             f"Guessing (n draws from the other held-out answers) gives Pass@{n} {fl[f'pass_at_{n}']:.1%}.\n\n")
     tg = "\n\nTargets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out.get("targets", {}).items())
-    return head + "\n".join(lines) + "\n" + "\n".join(err) + tg + "\n"
+    t1 = ""
+    if out.get("table1"):
+        sys.path.append(str(Path(__file__).resolve().parent))
+        import repro_table1 as T1
+
+        t1 = "\n\n" + T1.markdown_table(out["table1"]).replace("# Table 1", "## Table 1", 1)
+    return head + "\n".join(lines) + "\n" + "\n".join(err) + tg + t1 + "\n"
 
 
 def _plt():
@@ -683,6 +711,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2,
                    help="processes for the SFT+sampling runs after pre-training (default 2, one per core)")
     p.add_argument("--seed", type=int, default=None, help=f"seed of data, initialisation and sampling (default {d.seed})")
+    p.add_argument("--no-table1", action="store_true",
+                   help="skip the Table-1 stage (teacher + fastmath synth + real vs synthetic students; "
+                        "bench/repro_table1.py runs it alone)")
     return p.parse_args(argv)
 
 
@@ -725,6 +756,8 @@ def main(argv=None) -> int:
             calibrate(settings_from_args(argparse.Namespace(**{**vars(a), "difficulty": spec})), work)
         return 0
     results = Path(a.results) if a.results else (work / "quick-results" if a.quick else REPO / "bench" / "results")
+    if not a.no_table1:
+        register_table1()
     scaling(s, work, results, a.quick, a.workers)
     return 0
 

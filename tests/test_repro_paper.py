@@ -76,7 +76,8 @@ def quick_run(tmp_path_factory):
            "--difficulty", "min_steps=1 max_steps=2 max_operand=9 max_start=20 max_value=40 ops=add style=terse",
            "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--pretrain-examples", "1500",
            "--pretrain-epochs", "2", "--batch-tokens", "1024", "--sizes", "60,120", "--sft-lr", "1e-3",
-           "--problems", "12", "-n", "12", "--max-new-tokens", "48"]
+           "--problems", "12", "-n", "12", "--max-new-tokens", "48",
+           "--no-table1"]  # tests/test_repro_table1.py runs the Table-1 stage against a scripted teacher
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((results / "repro_paper.json").read_text()), results
