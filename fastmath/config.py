@@ -111,8 +111,11 @@ PRESETS: dict[str, ModelArgs] = {
     "qwen2.5-1.5b": ModelArgs(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, vocab_size=151936, intermediate_size=8960,
                               norm_eps=1e-6, rope_theta=1e6, qkv_bias=True, tie_embeddings=True, max_seq_len=131072,
                               model_type="qwen2"),
-    # ~3.7M parameters: trains on 2 CPU cores in minutes (the demo). Its vocab is replaced by the tokenizer's.
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, vocab_size=1024, multiple_of=64, max_seq_len=1024),
+    # ~1M parameters: the demo's model, trained on 2 CPU cores in minutes. Its vocab is replaced by the tokenizer's.
+    # (It was 256-dim, 3.6M parameters, until issue 17. On the demo's problems and plain prompt, 800 steps gave
+    # 94% held-out greedy accuracy at 128-dim and 88% at 192-dim; the 256-dim model, at three times the cost per
+    # token, reached 75% with the Vicuna prompt and 60% with the plain one in 560 steps.)
+    "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=1024),
     # Smallest model that still exercises GQA, several layers and SwiGLU: for unit tests.
     "test": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=512),
 }

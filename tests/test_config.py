@@ -17,7 +17,7 @@ def test_llama2_presets_match_published_dimensions(name, dim, layers, heads, kv,
 
 
 def test_small_presets():
-    assert 2e6 < get_preset("tiny").num_params() < 10e6
+    assert 0.5e6 < get_preset("tiny").num_params() < 3e6  # the demo's model: minutes on 2 CPU cores
     t = get_preset("test")
     assert t.n_kv_heads < t.n_heads and t.num_params() < 1e6
 

@@ -194,7 +194,10 @@ def test_default_run_settings_are_stated():
     cfg = T.resolve_config(T.TrainConfig(), on_gpu=False, world_size=1)
     assert cfg.model == "tiny" and not cfg.data and cfg.lr == T.DEMO["lr"] and cfg.max_steps == T.DEMO["max_steps"]
     assert T.parse_procedural(cfg.procedural).min_steps >= 2
-    assert np.isclose(T.resolve_config(T.TrainConfig(model=str(Path(__file__).parent)), False, 1).lr, 2e-5)
+    assert cfg.template == "plain"  # the demo's prompt; a run on --data keeps the paper's Vicuna prompt
+    finetune = T.resolve_config(T.TrainConfig(model=str(Path(__file__).parent), data=["x.jsonl"]), False, 1)
+    assert np.isclose(finetune.lr, 2e-5) and finetune.template == "vicuna"
+    assert T.resolve_config(T.TrainConfig(template="vicuna"), False, 1).template == "vicuna"  # given: kept
 
 
 def test_dry_run_of_7b_allocates_no_weights(tmp_path):
